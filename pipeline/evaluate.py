@@ -1,0 +1,139 @@
+"""Stage 5: test-set metrics and plots for the head-only and the fine-tuned model.
+
+    python -m pipeline.evaluate --raw-dir data/demo --classes data/prepared/classes.json \
+        --test-features features/test.h5 --head models/head.keras --model models/model.keras \
+        --metrics reports/metrics.json --plots-dir reports/plots --mistakes reports/mistakes.png
+
+The head-only model is scored on the cached test features: by the stacking parity that
+finetune asserts, that is exactly the stacked head-only model's output, at a fraction of
+the cost. The fine-tuned model is scored on the test images themselves.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from sklearn.metrics import (accuracy_score, confusion_matrix, log_loss, precision_recall_fscore_support,
+                             roc_auc_score, roc_curve)
+
+from pipeline.backbones import image_size
+from pipeline.datasets import image_dataset
+from pipeline.extract import feature_provenance
+from pipeline.features import read_features
+from pipeline.images import load_image
+from pipeline.io_utils import atomic_path, read_json, setup_logging, write_csv, write_json
+from pipeline.models import load_model
+from pipeline.params import Params, load_params
+
+log = logging.getLogger(__name__)
+
+MODELS = ("head", "finetuned")
+
+
+def classification_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
+    """``y`` (N,) int, ``probs`` (N, K) float → accuracy, log loss, ROC-AUC, per-class P/R/F1, confusion."""
+    k = len(classes)
+    pred = probs.argmax(1)
+    labels = list(range(k))
+    prec, rec, f1, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    present = np.unique(y)
+    if len(present) < 2:
+        auc = None  # undefined with a single class in the test set
+    elif k == 2:
+        auc = float(roc_auc_score(y, probs[:, 1]))
+    else:
+        # Macro one-vs-rest over the classes present in the test set.
+        auc = float(np.mean([roc_auc_score(y == c, probs[:, c]) for c in present]))
+    return {
+        "accuracy": float(accuracy_score(y, pred)),
+        "log_loss": float(log_loss(y, np.clip(probs, 1e-7, 1.0), labels=labels)),
+        "roc_auc": auc,
+        "n": int(len(y)),
+        "per_class": {c: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]),
+                          "support": int(support[i])} for i, c in enumerate(classes)},
+        "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist(),
+    }
+
+
+def roc_points(y: np.ndarray, probs: np.ndarray) -> list[tuple[float, float, float]]:
+    """(fpr, tpr, threshold) rows: the positive class when K = 2, else the micro-average."""
+    if len(np.unique(y)) < 2:
+        return []
+    if probs.shape[1] == 2:
+        fpr, tpr, thr = roc_curve(y, probs[:, 1])
+    else:
+        onehot = np.eye(probs.shape[1])[y]
+        fpr, tpr, thr = roc_curve(onehot.ravel(), probs.ravel())
+    return [(float(a), float(b), float(min(c, 1.0))) for a, b, c in zip(fpr, tpr, thr)]
+
+
+def mistakes_gallery(out: Path, paths: list[str], y: np.ndarray, probs: np.ndarray, classes: list[str],
+                     n: int, thumb: int = 160) -> int:
+    """A PNG grid of the ``n`` most confident mistakes (true / predicted / confidence); returns the count."""
+    pred = probs.argmax(1)
+    wrong = np.flatnonzero(pred != y)
+    wrong = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:n]
+    cols = max(1, min(4, len(wrong)))
+    rows = max(1, int(np.ceil(len(wrong) / cols)))
+    caption = 34
+    sheet = Image.new("RGB", (cols * thumb, rows * (thumb + caption)), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default(size=12)
+    if len(wrong) == 0:
+        draw.text((8, 8), "no mistakes on the test set", fill="black", font=font)
+    for k, i in enumerate(wrong):
+        x, yy = (k % cols) * thumb, (k // cols) * (thumb + caption)
+        sheet.paste(Image.fromarray(load_image(paths[i], thumb)), (x, yy))
+        draw.text((x + 4, yy + thumb + 2), f"true: {classes[y[i]]}", fill="black", font=font)
+        draw.text((x + 4, yy + thumb + 17), f"pred: {classes[pred[i]]} ({probs[i, pred[i]]:.2f})", fill="red", font=font)
+    with atomic_path(out) as tmp:
+        sheet.save(tmp, format="PNG")
+    return len(wrong)
+
+
+def run(raw_dir: Path, classes_json: Path, test_features: Path, head_path: Path, model_path: Path,
+        metrics_out: Path, plots_dir: Path, mistakes_out: Path, params: Params) -> dict:
+    """Score both models on the test split; write metrics, plot data and the mistakes gallery."""
+    classes = read_json(classes_json)["classes"]
+    expected = feature_provenance(params, classes)
+    test = read_features(test_features, expected)
+    head, _ = load_model(head_path, expected)
+    model, _ = load_model(model_path, expected)
+    size = image_size(params.backbone)
+    paths = [str(raw_dir / q) for q in test.paths]
+    probs = {
+        "head": head.predict(test.features, batch_size=1024, verbose=0),
+        "finetuned": model.predict(image_dataset(paths, size, params.extract.batch_size), verbose=0),
+    }
+    y = test.labels
+    report = {name: classification_metrics(y, probs[name], classes) for name in MODELS}
+    for name in MODELS:
+        write_csv(plots_dir / f"confusion_{name}.csv", ("actual", "predicted"),
+                  [(classes[a], classes[b]) for a, b in zip(y, probs[name].argmax(1))])
+        write_csv(plots_dir / f"roc_{name}.csv", ("fpr", "tpr", "threshold"), roc_points(y, probs[name]))
+    report["n_mistakes_shown"] = mistakes_gallery(mistakes_out, paths, y, probs["finetuned"], classes,
+                                                  params.evaluate.n_mistakes)
+    write_json(metrics_out, report)
+    for name in MODELS:
+        m = report[name]
+        log.info("%-9s test acc %.4f  log loss %.4f  AUC %s", name, m["accuracy"], m["log_loss"], m["roc_auc"])
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name in ("raw-dir", "classes", "test-features", "head", "model", "metrics", "plots-dir", "mistakes"):
+        ap.add_argument(f"--{name}", type=Path, required=True)
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = ap.parse_args(argv)
+    setup_logging()
+    params = load_params(args.params)
+    run(args.raw_dir, args.classes, args.test_features, args.head, args.model, args.metrics, args.plots_dir,
+        args.mistakes, params)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The one head builder, the logreg → Keras conversion, and the stacked model.
+
+A head maps pooled features ``(B, D)`` float32 → class probabilities ``(B, K)`` float32
+(softmax, also for K = 2, where a 2-way softmax equals a sigmoid on the logit difference).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import keras
+import numpy as np
+
+
+def build_head(input_dim: int, n_classes: int, hidden_units: int = 0, dropout: float = 0.0,
+               seed: Optional[int] = None) -> keras.Model:
+    """Dropout → [Dense(hidden, relu) → Dropout] → Dense(K, softmax); input ``(B, D)``."""
+    inputs = keras.Input((input_dim,), dtype="float32", name="features")
+    x = inputs
+    if dropout > 0:
+        x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
+    if hidden_units > 0:
+        x = keras.layers.Dense(hidden_units, activation="relu", name="hidden")(x)
+        if dropout > 0:
+            x = keras.layers.Dropout(dropout, seed=None if seed is None else seed + 1, name="hidden_dropout")(x)
+    outputs = keras.layers.Dense(n_classes, activation="softmax", name="probs")(x)
+    return keras.Model(inputs, outputs, name="head")
+
+
+def logreg_to_dense_weights(coef: np.ndarray, intercept: np.ndarray, mean: np.ndarray,
+                            scale: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fold ``StandardScaler`` + ``LogisticRegression`` into one softmax Dense layer.
+
+    ``coef`` (K, D) or (1, D) for a binary model; returns kernel ``(D, K)`` and bias ``(K,)``
+    float32 such that softmax(x @ kernel + bias) equals sklearn's ``predict_proba(x)``.
+    Standardization is linear, so z = W((x − μ)/σ) + b = (W/σ)x + (b − W(μ/σ)).
+    For binary sklearn models p(1) = σ(w·x + b); a 2-way softmax over logits (0, w·x + b)
+    gives exactly that.
+    """
+    coef = np.asarray(coef, np.float64)
+    intercept = np.asarray(intercept, np.float64)
+    w = coef / scale[None, :]
+    b = intercept - (coef * (mean / scale)[None, :]).sum(axis=1)
+    if n_classes == 2 and w.shape[0] == 1:
+        w = np.concatenate([np.zeros_like(w), w], axis=0)
+        b = np.concatenate([np.zeros_like(b), b], axis=0)
+    return w.T.astype(np.float32), b.astype(np.float32)
+
+
+def build_stacked(backbone: keras.Model, head: keras.Model) -> keras.Model:
+    """Image ``(B, S, S, 3)`` float32 [0, 255] → backbone (inference-mode BN) → head → ``(B, K)``.
+
+    The backbone is always called with training=False, so BatchNormalization keeps using its
+    ImageNet moving statistics while the top blocks fine-tune; the head's dropout still
+    follows the training flag.
+    """
+    inputs = keras.Input(backbone.input_shape[1:], dtype="float32", name="image")
+    features = backbone(inputs, training=False)
+    outputs = head(features)
+    return keras.Model(inputs, outputs, name="stacked")
+
+
+def save_model(model: keras.Model, path: "str | Path", meta: dict) -> None:
+    """Save ``model`` atomically as .keras plus a ``<stem>.json`` sidecar with its provenance.
+
+    The sidecar records the model file's sha256, so a reader can tell a sidecar that does not
+    belong to the model next to it.
+    """
+    from pipeline.io_utils import atomic_path, sha256_file, write_json
+
+    path = Path(path)
+    with atomic_path(path, suffix=".keras") as tmp:
+        model.save(tmp)
+    write_json(meta_path(path), {**meta, "model_sha256": sha256_file(path)})
+
+
+def meta_path(path: "str | Path") -> Path:
+    path = Path(path)
+    return path.with_suffix(".json")
+
+
+def load_model(path: "str | Path", expected: Optional[dict] = None) -> tuple[keras.Model, dict]:
+    """Load a .keras model and its sidecar; check both belong together and match ``expected``."""
+    import pipeline.backbones  # noqa: F401  (registers the Preprocess layer for deserialization)
+    from pipeline.features import check_provenance
+    from pipeline.io_utils import read_json, sha256_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: model not found; run `dvc repro` for the stage that writes it")
+    meta = read_json(meta_path(path))
+    if meta.get("model_sha256") != sha256_file(path):
+        raise ValueError(f"{meta_path(path)} does not describe {path} (sha256 differs); re-run the stage that writes it")
+    if expected is not None:
+        check_provenance(str(path), meta.get("provenance", {}), expected, "re-run `dvc repro` (or fix params.yaml)")
+    return keras.models.load_model(path, compile=False), meta

@@ -1,0 +1,222 @@
+"""params.yaml → frozen, validated dataclasses. The only place params are parsed.
+
+Every stage calls :func:`load_params`; an unknown or misspelt key, a wrong type or an
+out-of-range value raises :class:`ParamsError` naming the key, the bad value and what is
+allowed, before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+BACKBONE_NAMES = (
+    "efficientnet_lite0",
+    "vgg16",
+    "vgg19",
+    "resnet50",
+    "resnet50v2",
+    "inception_v3",
+    "xception",
+    "mobilenet_v2",
+    "efficientnetb0",
+    "efficientnetb1",
+    "efficientnetb2",
+    "efficientnetb3",
+)
+
+
+class ParamsError(ValueError):
+    """A bad params.yaml: the message names the key and says what is allowed."""
+
+
+def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False):
+    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open}
+
+
+@dataclass(frozen=True)
+class DataParams:
+    raw_dir: str = "data/demo"
+    val_fraction: float = field(default=0.15, metadata=_range(0.0, 1.0, lo_open=True, hi_open=True))
+    test_fraction: float = field(default=0.15, metadata=_range(0.0, 1.0, hi_open=True))
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ParamsError(
+                f"data.val_fraction + data.test_fraction = {self.val_fraction + self.test_fraction} "
+                "leaves nothing to train on; their sum must be < 1 (e.g. 0.15 and 0.15)"
+            )
+
+
+@dataclass(frozen=True)
+class BackboneParams:
+    name: str = field(default="efficientnet_lite0", metadata={"choices": BACKBONE_NAMES})
+    weights: str = "imagenet"
+    image_size: Optional[int] = field(default=None, metadata=_range(32, 1024))
+    pooling: Literal["avg", "max"] = "avg"
+
+
+@dataclass(frozen=True)
+class ExtractParams:
+    batch_size: int = field(default=32, metadata=_range(1, 4096))
+
+
+@dataclass(frozen=True)
+class LogregParams:
+    C: float = field(default=1.0, metadata=_range(0.0, None, lo_open=True))
+    max_iter: int = field(default=1000, metadata=_range(1, None))
+
+
+@dataclass(frozen=True)
+class DenseParams:
+    hidden_units: int = field(default=0, metadata=_range(0, 65536))
+    dropout: float = field(default=0.2, metadata=_range(0.0, 1.0, hi_open=True))
+    learning_rate: float = field(default=1e-3, metadata=_range(0.0, 1.0, lo_open=True))
+    epochs: int = field(default=100, metadata=_range(1, None))
+    batch_size: int = field(default=32, metadata=_range(1, 65536))
+    patience: int = field(default=10, metadata=_range(1, None))
+
+
+@dataclass(frozen=True)
+class HeadParams:
+    type: Literal["logreg", "dense"] = "logreg"
+    logreg: LogregParams = LogregParams()
+    dense: DenseParams = DenseParams()
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    flip: bool = True
+    rotation: float = field(default=0.05, metadata=_range(0.0, 0.5))
+    zoom: float = field(default=0.1, metadata=_range(0.0, 0.9))
+    translation: float = field(default=0.1, metadata=_range(0.0, 0.9))
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    epochs: int = field(default=3, metadata=_range(0, 10000))
+    unfreeze_from: str = "block6a_expand_conv"
+    learning_rate: float = field(default=1e-4, metadata=_range(0.0, 1.0, lo_open=True))
+    momentum: float = field(default=0.9, metadata=_range(0.0, 1.0, hi_open=True))
+    batch_size: int = field(default=16, metadata=_range(1, 4096))
+    patience: int = field(default=3, metadata=_range(1, None))
+    augment: AugmentParams = AugmentParams()
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    n_mistakes: int = field(default=16, metadata=_range(0, 1000))
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 42
+    data: DataParams = DataParams()
+    backbone: BackboneParams = BackboneParams()
+    extract: ExtractParams = ExtractParams()
+    head: HeadParams = HeadParams()
+    finetune: FinetuneParams = FinetuneParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in typing.get_args(tp))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _convert(key: str, value: Any, tp: Any, meta: dict) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(key, value, inner, meta)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ParamsError(f"{key}: {value!r} is not allowed; use {_describe(tp)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ParamsError(f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, got {value!r}")
+        return _build(tp, value, key + ".")
+    # bool is an int subclass in Python; a `true` where a number belongs is a mistake.
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str) and value != ""
+    else:  # pragma: no cover - all field types are listed above
+        raise TypeError(tp)
+    if not ok:
+        raise ParamsError(f"{key}: {value!r} is not {_describe(tp)}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ParamsError(f"{key}: {value!r} is not allowed; use one of: {', '.join(meta['choices'])}")
+    if "lo" in meta:
+        lo, hi = meta["lo"], meta["hi"]
+        bad_lo = lo is not None and (value <= lo if meta["lo_open"] else value < lo)
+        bad_hi = hi is not None and (value >= hi if meta["hi_open"] else value > hi)
+        if bad_lo or bad_hi:
+            lo_s = "-inf" if lo is None else lo
+            hi_s = "inf" if hi is None else hi
+            brackets = ("(" if meta["lo_open"] or lo is None else "[", ")" if meta["hi_open"] or hi is None else "]")
+            raise ParamsError(f"{key}: {value!r} is out of range; allowed {brackets[0]}{lo_s}, {hi_s}{brackets[1]}")
+    return value
+
+
+def _build(cls: type, raw: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in raw if k not in names]
+    if unknown:
+        raise ParamsError(
+            f"unknown key {prefix}{unknown[0]!s} in params.yaml; allowed keys{' under ' + prefix.rstrip('.') if prefix else ''}: "
+            + ", ".join(names)
+        )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in raw:
+            kwargs[f.name] = _convert(prefix + f.name, raw[f.name], hints[f.name], dict(f.metadata))
+    return cls(**kwargs)
+
+
+def parse_params(raw: dict | None) -> Params:
+    """Validate a params mapping (as loaded from YAML) into :class:`Params`."""
+    return _build(Params, raw or {})
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Load and validate ``params.yaml``; raises :class:`ParamsError` on any bad key or value."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found; run from the project root or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    if raw is not None and not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    try:
+        return parse_params(raw)
+    except ParamsError as exc:
+        raise ParamsError(f"{path}: {exc}") from None
+
+
+def as_dict(params: Any) -> dict:
+    """Params (or a section) → plain dict, e.g. for provenance attrs."""
+    return dataclasses.asdict(params)
