@@ -1,6 +1,6 @@
 """Generate the synthetic demo image set (no one's photos ship with the project).
 
-    python -m pipeline.demo_data --out data/demo [--per-class 60] [--size 160] [--seed 0]
+    python -m pipeline.demo_data --out data/demo [--per-class 100] [--size 160] [--seed 0]
 
 Four classes, one sub-folder each: circle, square, triangle (filled shapes) and stripes (a
 striped patch), with random colours, sizes, positions, rotations, gradient backgrounds and
@@ -39,10 +39,11 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
 
 
 def _contrasting_colour(rng: np.random.Generator, bg: Image.Image) -> tuple[int, int, int]:
+    # Low-contrast shapes happen on purpose: the demo should not be trivially separable.
     mean = np.asarray(bg, dtype=np.float64).reshape(-1, 3).mean(0)
     for _ in range(20):
         c = rng.uniform(0, 255, 3)
-        if np.abs(c - mean).sum() > 150:
+        if np.abs(c - mean).sum() > 60:
             break
     return tuple(int(v) for v in c)
 
@@ -56,7 +57,7 @@ def render(label: str, rng: np.random.Generator, size: int) -> Image.Image:
     img = _background(rng, size)
     draw = ImageDraw.Draw(img)
     colour = _contrasting_colour(rng, img)
-    r = rng.uniform(0.18, 0.38) * size
+    r = rng.uniform(0.1, 0.35) * size
     cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
     rot = rng.uniform(0, 2 * math.pi)
     if label == "circle":
@@ -79,12 +80,16 @@ def render(label: str, rng: np.random.Generator, size: int) -> Image.Image:
         img.paste(Image.new("RGB", (size, size), colour), (0, 0), patch)
     else:
         raise ValueError(f"unknown demo class {label!r}; classes are {CLASSES}")
-    noise = rng.normal(0, rng.uniform(4, 16), (size, size, 3))
+    # Distractor strokes over everything, so the class is not the only structure in the image.
+    for _ in range(int(rng.integers(0, 4))):
+        pts = [tuple(rng.uniform(0, size, 2)) for _ in range(2)]
+        draw.line(pts, fill=tuple(int(v) for v in rng.uniform(0, 255, 3)), width=int(rng.integers(1, 4)))
+    noise = rng.normal(0, rng.uniform(4, 28), (size, size, 3))
     arr = np.clip(np.asarray(img, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
     return Image.fromarray(arr, "RGB")
 
 
-def generate(out: Path, per_class: int = 60, size: int = 160, seed: int = 0) -> Path:
+def generate(out: Path, per_class: int = 100, size: int = 160, seed: int = 0) -> Path:
     """Write ``out/<class>/<class>_NNN.jpg``; refuses to touch a folder it did not create."""
     out = Path(out)
     if out.exists() and not (out / MARKER).is_file():
@@ -111,7 +116,7 @@ def generate(out: Path, per_class: int = 60, size: int = 160, seed: int = 0) -> 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--per-class", type=int, default=60)
+    ap.add_argument("--per-class", type=int, default=100)
     ap.add_argument("--size", type=int, default=160)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

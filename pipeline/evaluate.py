@@ -52,6 +52,7 @@ def classification_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str])
         "log_loss": float(log_loss(y, np.clip(probs, 1e-7, 1.0), labels=labels)),
         "roc_auc": auc,
         "n": int(len(y)),
+        # Moved to the per-class report by run(), so `dvc metrics show/diff` stays readable.
         "per_class": {c: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]),
                           "support": int(support[i])} for i, c in enumerate(classes)},
         "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist(),
@@ -95,8 +96,13 @@ def mistakes_gallery(out: Path, paths: list[str], y: np.ndarray, probs: np.ndarr
 
 
 def run(raw_dir: Path, classes_json: Path, test_features: Path, head_path: Path, model_path: Path,
-        metrics_out: Path, plots_dir: Path, mistakes_out: Path, params: Params) -> dict:
-    """Score both models on the test split; write metrics, plot data and the mistakes gallery."""
+        metrics_out: Path, per_class_out: Path, plots_dir: Path, mistakes_out: Path, params: Params) -> dict:
+    """Score both models on the test split; write metrics, per-class report, plot data and mistakes.
+
+    ``metrics_out`` gets the headline numbers per model (accuracy, log loss, ROC-AUC, n);
+    ``per_class_out`` per-class precision/recall/F1/support and the confusion matrix.
+    Returns both merged.
+    """
     classes = read_json(classes_json)["classes"]
     expected = feature_provenance(params, classes)
     test = read_features(test_features, expected)
@@ -116,7 +122,14 @@ def run(raw_dir: Path, classes_json: Path, test_features: Path, head_path: Path,
         write_csv(plots_dir / f"roc_{name}.csv", ("fpr", "tpr", "threshold"), roc_points(y, probs[name]))
     report["n_mistakes_shown"] = mistakes_gallery(mistakes_out, paths, y, probs["finetuned"], classes,
                                                   params.evaluate.n_mistakes)
-    write_json(metrics_out, report)
+    details = {"class_names": classes}
+    headline = {"n_mistakes_shown": report["n_mistakes_shown"]}
+    for name in MODELS:
+        m = report[name]
+        details[name] = {"per_class": m["per_class"], "confusion_matrix": m["confusion_matrix"]}
+        headline[name] = {k: m[k] for k in ("accuracy", "log_loss", "roc_auc", "n")}
+    write_json(per_class_out, details)
+    write_json(metrics_out, headline)
     for name in MODELS:
         m = report[name]
         log.info("%-9s test acc %.4f  log loss %.4f  AUC %s", name, m["accuracy"], m["log_loss"], m["roc_auc"])
@@ -125,14 +138,15 @@ def run(raw_dir: Path, classes_json: Path, test_features: Path, head_path: Path,
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name in ("raw-dir", "classes", "test-features", "head", "model", "metrics", "plots-dir", "mistakes"):
+    for name in ("raw-dir", "classes", "test-features", "head", "model", "metrics", "per-class", "plots-dir",
+                 "mistakes"):
         ap.add_argument(f"--{name}", type=Path, required=True)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
     setup_logging()
     params = load_params(args.params)
-    run(args.raw_dir, args.classes, args.test_features, args.head, args.model, args.metrics, args.plots_dir,
-        args.mistakes, params)
+    run(args.raw_dir, args.classes, args.test_features, args.head, args.model, args.metrics, args.per_class,
+        args.plots_dir, args.mistakes, params)
 
 
 if __name__ == "__main__":

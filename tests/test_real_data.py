@@ -1,0 +1,69 @@
+"""Real photos from ../shared/datasets through the real stages, with accuracy floors that mean something.
+
+Skipped with a reason when ../shared is absent. Numbers are printed (pytest -s) for the notes.
+"""
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, shared_dataset
+from pipeline import evaluate, extract, finetune, prepare, train_head
+from pipeline.params import parse_params
+
+pytestmark = pytest.mark.realdata
+
+
+def _params(raw_dir: Path, **sections):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["data"].update(raw_dir=str(raw_dir), val_fraction=0.15, test_fraction=0.2)
+    for name, values in sections.items():
+        raw[name].update(values)
+    return parse_params(raw)
+
+
+def _through_head(name: str, out: Path, **sections):
+    raw = shared_dataset(name)
+    params = _params(raw, **sections)
+    prepare.run(raw, out / "manifest.csv", out / "classes.json", params.data)
+    feats = {s: out / f"{s}.h5" for s in prepare.SPLITS}
+    t0 = time.perf_counter()
+    speeds = extract.run(raw, out / "manifest.csv", out / "classes.json", feats, params)
+    t_extract = time.perf_counter() - t0
+    head_metrics = train_head.run(feats["train"], feats["val"], out / "classes.json", out / "head.keras",
+                                  out / "head_metrics.json", out / "head_history.csv", params)
+    print(f"\n[{name}] extract {t_extract:.1f}s ({speeds}), head fit {head_metrics['fit_seconds']}s, "
+          f"val acc {head_metrics['val']['accuracy']:.4f}")
+    return raw, params, feats
+
+
+def _evaluate(raw, params, feats, out: Path, epochs: int):
+    finetune.run(raw, out / "manifest.csv", out / "classes.json", feats["val"], out / "head.keras",
+                 out / "model.keras", out / "ft_history.csv", out / "ft_metrics.json", params)
+    report = evaluate.run(raw, out / "classes.json", feats["test"], out / "head.keras", out / "model.keras",
+                          out / "metrics.json", out / "per_class.json", out / "plots", out / "mistakes.png", params)
+    ft = json.loads((out / "ft_metrics.json").read_text())
+    print(f"test acc head {report['head']['accuracy']:.4f}, finetuned {report['finetuned']['accuracy']:.4f} "
+          f"(n={report['head']['n']}, epochs={epochs}, kept epoch {ft['best_epoch']}, finetune {ft['seconds']}s)")
+    return report, ft
+
+
+def test_dogs_vs_cats_logreg_head(tmp_path):
+    raw, params, feats = _through_head("dogs_vs_cats", tmp_path, finetune={"epochs": 0})
+    report, _ = _evaluate(raw, params, feats, tmp_path, epochs=0)
+    assert report["head"]["accuracy"] >= 0.97
+    assert report["head"]["roc_auc"] >= 0.99
+    # epochs: 0 saves the stacked head-only model: on images it must score what the head scores on features.
+    assert report["finetuned"]["accuracy"] == pytest.approx(report["head"]["accuracy"], abs=1e-9)
+
+
+def test_flowers_head_and_finetune(tmp_path):
+    raw, params, feats = _through_head("flower_photos", tmp_path, finetune={"epochs": 2})
+    report, ft = _evaluate(raw, params, feats, tmp_path, epochs=2)
+    assert report["head"]["accuracy"] >= 0.85
+    assert report["head"]["roc_auc"] >= 0.97
+    # Fine-tuning keeps the best val epoch (epoch 0 = the head included), so it must not end below the head.
+    assert ft["val_loss"] <= ft["head_only_val_loss"]
+    assert report["finetuned"]["accuracy"] >= report["head"]["accuracy"]
