@@ -1,7 +1,10 @@
 """tf.data input pipelines over image files, decoded by :func:`pipeline.images.load_image`."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import collections
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator, Optional, Sequence
 
 import keras
 import numpy as np
@@ -43,8 +46,10 @@ def image_dataset(paths: Sequence[str], size: int, batch_size: int, labels: Opti
     if augment is not None:
         if labels is None:
             raise ValueError("augmentation is for training batches, which need labels")
-        ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE,
-                    deterministic=True)
+        # Sequential on purpose: the random layers draw from one stateful seed generator, and
+        # parallel calls would consume its draws in a nondeterministic order (measured: the
+        # same params gave fine-tuned log loss 0.2667 in one run, 0.2692 in another).
+        ds = ds.map(lambda x, y: (augment(x, training=True), y))
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -61,3 +66,28 @@ def build_augmentation(params: AugmentParams, seed: int) -> Optional[keras.Model
         layers.append(keras.layers.RandomTranslation(params.translation, params.translation,
                                                      fill_mode="reflect", seed=seed + 3))
     return keras.Sequential(layers, name="augment") if layers else None
+
+
+def prefetched_batches(paths: Sequence[str], size: int, batch_size: int, lookahead: int = 3,
+                       workers: Optional[int] = None) -> Iterator[np.ndarray]:
+    """``(B, size, size, 3)`` uint8 batches in order, decoded by a thread pool ``lookahead`` batches ahead.
+
+    Extract's input path. Measured on 2 cores with efficientnet_lite0 at 224 px (compute
+    ceiling 98 img/s): tf.data + numpy_function yielding float32 gave 62 img/s, yielding
+    uint8 89 img/s, this pool 96 img/s. uint8 batches are 4x less data to copy (the cast
+    happens inside the compiled model), and Pillow releases the GIL while it decodes.
+    """
+    batches = [list(paths[i:i + batch_size]) for i in range(0, len(paths), batch_size)]
+    with ThreadPoolExecutor(workers or os.cpu_count() or 2, thread_name_prefix="decode") as pool:
+        pending: collections.deque = collections.deque()
+        it = iter(batches)
+        for batch in it:
+            pending.append([pool.submit(load_image, p, size) for p in batch])
+            if len(pending) > lookahead:
+                break
+        while pending:
+            futures = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append([pool.submit(load_image, p, size) for p in nxt])
+            yield np.stack([f.result() for f in futures])

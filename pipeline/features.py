@@ -78,15 +78,20 @@ def read_features(path: str | Path, expected: dict | None = None) -> FeatureSet:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: feature file not found; run `dvc repro extract`")
-    with h5py.File(path, "r") as h5:
-        attrs = decode_attrs(h5.attrs)
-        if not attrs.get("complete"):
-            raise ProvenanceError(f"{path}: incomplete feature file (extraction was interrupted); rerun extract")
-        if expected is not None:
-            check_provenance(str(path), attrs, expected, "re-run `dvc repro extract` (or fix params.yaml)")
-        return FeatureSet(
-            features=h5["features"][...],
-            labels=h5["labels"][...],
-            paths=[p.decode() if isinstance(p, bytes) else p for p in h5["paths"][...]],
-            attrs=attrs,
-        )
+    try:
+        with h5py.File(path, "r") as h5:
+            attrs = decode_attrs(h5.attrs)
+            if not attrs.get("complete"):
+                raise ProvenanceError(f"{path}: incomplete feature file (extraction was interrupted); rerun extract")
+            if expected is not None:
+                check_provenance(str(path), attrs, expected, "re-run `dvc repro extract` (or fix params.yaml)")
+            return FeatureSet(
+                features=h5["features"][...],
+                labels=h5["labels"][...],
+                paths=[p.decode() if isinstance(p, bytes) else p for p in h5["paths"][...]],
+                attrs=attrs,
+            )
+    except (OSError, KeyError) as exc:  # h5py: truncated/corrupt file, or a dataset missing
+        raise ProvenanceError(
+            f"{path}: not a readable feature file ({exc}); delete it and re-run `dvc repro extract`"
+        ) from exc

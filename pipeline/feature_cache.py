@@ -1,0 +1,141 @@
+"""A content-addressed cache of per-image features, kept outside DVC's outs.
+
+Why not ``persist: true``: DVC deletes a stage's outs before it runs, and a persisted out
+would be hashed in full on every run, pushed to remotes and restored by checkouts as if it
+were a result. This cache is a memo instead, like ccache: an entry is keyed by
+everything that determines a feature vector, so a hit is by construction the value a
+fresh computation would produce, and ``extract`` stays a pure function of its declared
+deps and params. Deleting the folder only costs time.
+
+Key = sha256 of the image file's bytes, inside a namespace (one sub-folder) per *model
+key* = hash of backbone, weights sha256, image size, pooling, preprocessing, TensorFlow /
+Keras versions and the source of the modules that decode images and build the backbone.
+
+Layout: ``<cache_dir>/<model_key>/meta.json`` and chunks ``<n>.feats.npy`` (M, D) float32 +
+``<n>.keys.npy`` (M, 32) uint8 digests. A chunk is committed when its keys file appears
+(written last, atomically), so a kill -9 loses at most the chunk being filled and a
+rerun resumes from the committed ones.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from collections import OrderedDict
+
+import numpy as np
+
+from pipeline.io_utils import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+DIGEST_BYTES = 32
+MAX_MAPPED_CHUNKS = 4
+# Source files whose code decides the feature values: a change invalidates the cache.
+CODE_MODULES = ("images.py", "backbones.py", "efficientnet_lite.py", "torch_legacy.py", "datasets.py")
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> bytes:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.digest()
+
+
+def file_digests(paths: Sequence[str], workers: int = 4) -> list[bytes]:
+    """sha256 of every file (hashlib releases the GIL on large buffers, so threads overlap I/O)."""
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(file_digest, paths, chunksize=64))
+
+
+def code_fingerprint() -> str:
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for name in CODE_MODULES:
+        h.update(name.encode())
+        h.update((here / name).read_bytes())
+    return h.hexdigest()
+
+
+def model_key(provenance: dict, versions: dict) -> tuple[str, dict]:
+    """(short key, the full description it hashes)."""
+    desc = {
+        **{k: provenance[k] for k in ("backbone", "weights_id", "weights_sha256", "image_size", "pooling",
+                                      "preprocessing")},
+        "tensorflow": versions["tensorflow"], "keras": versions["keras"], "code": code_fingerprint(),
+    }
+    key = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:20]
+    return key, desc
+
+
+class FeatureCache:
+    """Per-image feature vectors of one model key; append-only, crash-safe."""
+
+    def __init__(self, root: Path, key: str, desc: dict, dim: int):
+        self.dir = Path(root) / key
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dim = dim
+        meta = self.dir / "meta.json"
+        if not meta.is_file():
+            write_json(meta, {**desc, "feature_dim": dim})
+        self._index: dict[bytes, tuple[int, int]] = {}
+        self._chunks: list[Path] = []
+        self._next = 0
+        for keys_file in sorted(self.dir.glob("*.keys.npy"), key=lambda p: int(p.name.split(".")[0])):
+            n = int(keys_file.name.split(".")[0])
+            feats_file = self.dir / f"{n}.feats.npy"
+            keys = np.load(keys_file)
+            if not feats_file.is_file() or keys.ndim != 2 or keys.shape[1] != DIGEST_BYTES:
+                log.warning("ignoring damaged cache chunk %s", keys_file)
+                continue
+            slot = len(self._chunks)
+            self._chunks.append(feats_file)
+            for row, digest in enumerate(keys):
+                self._index[digest.tobytes()] = (slot, row)
+            self._next = max(self._next, n + 1)
+        # Memory-mapped pages count towards RSS, so only a few chunks stay mapped at a time.
+        self._open: "OrderedDict[int, np.ndarray]" = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, digest: bytes) -> bool:
+        return digest in self._index
+
+    def add_chunk(self, digests: Sequence[bytes], features: np.ndarray) -> None:
+        """Commit ``features`` (M, D) float32 for ``digests``: feats first, keys last (the commit)."""
+        if len(digests) == 0:
+            return
+        features = np.ascontiguousarray(features, dtype=np.float32)
+        n = self._next
+        self._next += 1
+        feats_file, keys_file = self.dir / f"{n}.feats.npy", self.dir / f"{n}.keys.npy"
+        with atomic_path(feats_file, suffix=".npy") as tmp:
+            np.save(tmp, features)
+        keys = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(len(digests), DIGEST_BYTES)
+        with atomic_path(keys_file, suffix=".npy") as tmp:
+            np.save(tmp, keys)
+        slot = len(self._chunks)
+        self._chunks.append(feats_file)
+        for row, d in enumerate(digests):
+            self._index[d] = (slot, row)
+
+    def get_many(self, digests: Iterable[bytes]) -> np.ndarray:
+        """Features for ``digests`` in order → (M, D) float32; chunks are memory-mapped, not loaded."""
+        out = []
+        for d in digests:
+            slot, row = self._index[d]
+            arr = self._open.get(slot)
+            if arr is None:
+                arr = self._open[slot] = np.load(self._chunks[slot], mmap_mode="r")
+                if len(self._open) > MAX_MAPPED_CHUNKS:
+                    self._open.popitem(last=False)
+            else:
+                self._open.move_to_end(slot)
+            out.append(np.array(arr[row]))
+        return np.stack(out).astype(np.float32, copy=False) if out else np.zeros((0, self.dim), np.float32)

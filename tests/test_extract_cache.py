@@ -1,0 +1,122 @@
+"""Extract's content-addressed cache: incremental runs, kill -9 resume, chunked writes."""
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from conftest import ROOT, as_params, make_images, tiny_params
+from pipeline import extract, prepare
+
+
+def _setup(tmp_path: Path, per_class: int = 12, **overrides):
+    raw = make_images(tmp_path / "raw", per_class=per_class)
+    params = as_params(tiny_params(str(raw), **overrides))
+    return raw, params
+
+
+def _extract(raw: Path, params, out: Path, cache: Path | None):
+    prepare.run(raw, out / "manifest.csv", out / "classes.json", params.data)
+    outs = {s: out / f"{s}.h5" for s in prepare.SPLITS}
+    m = extract.run(raw, out / "manifest.csv", out / "classes.json", outs, params, out / "m.json", cache)
+    return m, outs
+
+
+def _read(path: Path):
+    with h5py.File(path, "r") as h5:
+        return h5["features"][...], h5["labels"][...], [p.decode() for p in h5["paths"][...]]
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_incremental_run_computes_only_new_images_and_equals_a_fresh_run(tmp_path):
+    raw, params = _setup(tmp_path)
+    cache = tmp_path / "cache"
+    first, _ = _extract(raw, params, tmp_path / "run1", cache)
+    assert first["computed"] == 36 and first["reused"] == 0
+    make_images(tmp_path / "raw", per_class=13)  # one new image per class, the others unchanged
+    second, outs = _extract(raw, params, tmp_path / "run2", cache)
+    assert second["computed"] == 3 and second["reused"] == 36
+    _, fresh = _extract(raw, params, tmp_path / "fresh", None)
+    for split in prepare.SPLITS:
+        a, b = _read(outs[split]), _read(fresh[split])
+        np.testing.assert_array_equal(a[0], b[0])
+        assert a[2] == b[2]
+        assert _sha(outs[split]) == _sha(fresh[split]), "split files must be byte-identical"
+
+
+def test_identical_files_are_computed_once(tmp_path):
+    raw, params = _setup(tmp_path)
+    for f in sorted((raw / "circle").iterdir())[:4]:
+        shutil.copy(f, raw / "square" / f"dup_{f.name}")
+    m, outs = _extract(raw, params, tmp_path / "run", tmp_path / "cache")
+    assert m["images"] == 40 and m["computed"] == 36
+
+
+def test_other_image_size_does_not_reuse_features(tmp_path):
+    raw, params = _setup(tmp_path)
+    cache = tmp_path / "cache"
+    _extract(raw, params, tmp_path / "a", cache)
+    other = as_params(tiny_params(str(raw), **{"backbone.image_size": 72}))
+    m, _ = _extract(raw, other, tmp_path / "b", cache)
+    assert m["computed"] == 36
+    assert len([d for d in cache.iterdir() if d.is_dir()]) == 2
+
+
+def test_small_chunks_give_the_same_files(tmp_path, monkeypatch):
+    raw, params = _setup(tmp_path)
+    _, big = _extract(raw, params, tmp_path / "big", tmp_path / "c1")
+    monkeypatch.setattr(extract, "CHUNK_IMAGES", 5)
+    monkeypatch.setattr(extract, "WRITE_BLOCK", 4)
+    _, small = _extract(raw, params, tmp_path / "small", tmp_path / "c2")
+    (key_dir,) = [d for d in (tmp_path / "c2").iterdir() if d.is_dir()]
+    # Batches of 8 each pass the 5-image threshold: one committed chunk per batch.
+    assert len(list(key_dir.glob("*.keys.npy"))) == 5
+    for split in prepare.SPLITS:
+        np.testing.assert_array_equal(_read(big[split])[0], _read(small[split])[0])
+        with h5py.File(small[split], "r") as h5:
+            assert h5["features"].chunks is not None and h5["features"].chunks[0] <= 4
+
+
+def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    raw = make_images(tmp_path / "raw", per_class=300, size=40)
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "params.yaml").write_text(yaml.safe_dump(tiny_params(str(raw), **{"extract.batch_size": 16})))
+    params = as_params(tiny_params(str(raw), **{"extract.batch_size": 16}))
+    prepare.run(raw, proj / "manifest.csv", proj / "classes.json", params.data)
+    cache = proj / "cache"
+    cmd = [sys.executable, "-m", "pipeline.extract", "--raw-dir", str(raw), "--manifest", "manifest.csv",
+           "--classes", "classes.json", "--train", "train.h5", "--val", "val.h5", "--test", "test.h5",
+           "--metrics", "m.json", "--cache-dir", "cache"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=proj, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(cache.glob("*/*.keys.npy")):
+        assert proc.poll() is None, "extract finished before it could be killed; use more images"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    committed = sum(len(np.load(f)) for f in cache.glob("*/*.keys.npy"))
+    assert 0 < committed < 900
+    # Nothing partial where a later stage would look: the split files do not exist yet.
+    assert not any((proj / f"{s}.h5").exists() for s in prepare.SPLITS)
+    subprocess.run(cmd, cwd=proj, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import json
+    m = json.loads((proj / "m.json").read_text())
+    assert m["reused"] == committed and m["computed"] == 900 - committed
+    fresh = {s: tmp_path / "fresh" / f"{s}.h5" for s in prepare.SPLITS}
+    extract.run(raw, proj / "manifest.csv", proj / "classes.json", fresh, params)
+    for split in prepare.SPLITS:
+        assert _sha(proj / f"{split}.h5") == _sha(fresh[split]), f"{split}.h5 differs from an uninterrupted run"
