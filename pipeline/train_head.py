@@ -47,12 +47,29 @@ def feature_scale(features: np.ndarray) -> float:
     return rms if rms > 0 else 1.0
 
 
+def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> dict[int, float] | None:
+    """``head.class_weight`` / ``finetune.class_weight`` → Keras' ``class_weight`` dict.
+
+    ``balanced``: n / (k * count) per class, scikit-learn's formula, so each class carries the
+    same total weight in the loss; ``none``: None (every image weighs 1). ``labels`` (N,) int.
+    """
+    if mode == "none":
+        return None
+    counts = np.bincount(np.asarray(labels, np.int64), minlength=n_classes)
+    if (counts == 0).any():
+        missing = [int(i) for i in np.flatnonzero(counts == 0)]
+        raise ValueError(f"class_weight balanced: class indices {missing} have no training image")
+    weights = len(labels) / (n_classes * counts.astype(np.float64))
+    return {i: float(w) for i, w in enumerate(weights)}
+
+
 def fit_logreg(train: FeatureSet, val: FeatureSet, n_classes: int, params: Params) -> tuple[keras.Model, list]:
     """Scaled features + LogisticRegression → an equivalent Keras head."""
     p = params.head.logreg
     dim = train.features.shape[1]
     mean, scale = np.zeros(dim), np.full(dim, feature_scale(train.features))
-    clf = LogisticRegression(C=p.C, max_iter=p.max_iter, random_state=params.seed)
+    clf = LogisticRegression(C=p.C, max_iter=p.max_iter, random_state=params.seed,
+                             class_weight=class_weights(train.labels, n_classes, params.head.class_weight))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         clf.fit(train.features.astype(np.float64) / scale, train.labels)
@@ -82,6 +99,7 @@ def fit_dense(train: FeatureSet, val: FeatureSet, n_classes: int, params: Params
     hist = head.fit(
         train.features, train.labels, validation_data=(val.features, val.labels), epochs=p.epochs,
         batch_size=p.batch_size, shuffle=True, verbose=2,
+        class_weight=class_weights(train.labels, n_classes, params.head.class_weight),
         callbacks=[keras.callbacks.EarlyStopping("val_loss", patience=p.patience, restore_best_weights=True)],
     )
     h = hist.history
@@ -117,6 +135,7 @@ def run(train_h5: Path, val_h5: Path, classes_json: Path, head_out: Path, metric
     head_params = getattr(params.head, params.head.type)
     save_model(head, head_out, {
         "kind": "head", "head_type": params.head.type, "head_params": as_dict(head_params), "seed": params.seed,
+        "class_weight": params.head.class_weight,
         "class_names": classes, "feature_dim": int(train.features.shape[1]),
         "provenance": expected, "versions": library_versions(),
     })

@@ -1,0 +1,205 @@
+"""What makes fine-tuning resumable: an epoch-indexed training stream, a per-epoch checkpoint
+and the best-epoch / early-stopping tracker whose state the checkpoint carries.
+
+A resumed run must compute exactly what an uninterrupted run computes, so nothing that
+shapes epoch ``e`` may depend on what happened in the process before it:
+
+- the order of the training images in epoch ``e`` is a permutation drawn from
+  ``(seed, e)``, and its augmentation layers are seeded from ``(seed, e)`` (not a shuffle
+  buffer or seed generators whose state runs on from epoch to epoch);
+- augmentation runs batch after batch in order: Keras' random layers advance a seed
+  generator on each call, so parallel map calls would race on it;
+- the checkpoint holds every model variable (weights and the head's dropout seed state),
+  every optimizer variable (momentum, iteration count), the history so far, the best epoch
+  with its weights and the early-stopping counter.
+
+A checkpoint is used only when its fingerprint matches the current run: the params that
+shape training (all of ``finetune`` except ``epochs`` and ``resume``, the seed, the backbone
+provenance), the head file, every train/val image's bytes and label, and the library
+versions. Anything else starts from epoch 0, with a log line saying why.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import h5py
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline.datasets import build_augmentation, image_dataset
+from pipeline.io_utils import atomic_path, library_versions, sha256_file
+from pipeline.params import AugmentParams, Params, as_dict
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+
+
+@dataclass
+class TrainState:
+    """Progress of a fine-tune after ``epoch`` finished epochs (0 = nothing trained yet)."""
+
+    epoch: int
+    rows: list  # history rows (epoch, loss, accuracy, val_loss, val_accuracy), epoch 0 first
+    best_loss: float
+    best_epoch: int = 0
+    wait: int = 0  # epochs since the last val-loss improvement
+    stopped: bool = False  # early stopping ended the run
+    best_weights: Optional[list] = field(default=None, repr=False)  # model.get_weights() of best_epoch
+
+
+def fingerprint(params: Params, provenance: dict, head_path: Path, raw_dir: Path,
+                items: Sequence[tuple[str, str, str]]) -> str:
+    """sha256 of everything that shapes the training trajectory; ``items`` (path, label, split)."""
+    p = {k: v for k, v in as_dict(params.finetune).items() if k not in ("epochs", "resume")}
+    images = hashlib.sha256()
+    for path, label, split in sorted(items):
+        images.update(json.dumps([path, label, split, sha256_file(raw_dir / path)]).encode())
+    doc = {"format": FORMAT, "finetune": p, "seed": params.seed, "provenance": provenance,
+           "head_sha256": sha256_file(head_path), "images": images.hexdigest(), "versions": library_versions()}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The augmentation seed of one epoch (0-based): a function of (seed, epoch) only."""
+    return int(np.random.default_rng([seed, epoch, 1]).integers(0, 2**31 - 16))
+
+
+def training_stream(paths: Sequence[str], labels: Sequence[int], size: int, batch_size: int,
+                    augment: AugmentParams, seed: int, first_epoch: int, epochs: int) -> tuple[tf.data.Dataset, int]:
+    """Training batches of epochs ``first_epoch`` .. ``epochs - 1``, back to back → (dataset, steps per epoch).
+
+    Batches are ``(B, size, size, 3)`` float32 [0, 255] images and ``(B,)`` int64 labels.
+    Pass the steps to ``fit(steps_per_epoch=...)``: Keras then reads one iterator across
+    epochs, so epoch ``e`` gets exactly its own batches.
+    """
+    n = len(paths)
+    steps = math.ceil(n / batch_size)
+
+    def batches() -> Iterator[tuple[tf.Tensor, tf.Tensor]]:
+        for e in range(first_epoch, epochs):
+            order = np.random.default_rng([seed, e]).permutation(n)
+            ds = image_dataset([paths[i] for i in order], size, batch_size, labels=[labels[i] for i in order])
+            aug = build_augmentation(augment, epoch_seed(seed, e))
+            for x, y in ds:
+                yield (aug(x, training=True) if aug is not None else x), y
+
+    spec = (tf.TensorSpec((None, size, size, 3), tf.float32), tf.TensorSpec((None,), tf.int64))
+    return tf.data.Dataset.from_generator(batches, output_signature=spec).prefetch(2), steps
+
+
+def save_checkpoint(path: Path, fp: str, state: TrainState, model: keras.Model) -> None:
+    """Write the checkpoint atomically: a kill leaves the previous checkpoint, never half of one."""
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as h5:
+            meta = {k: v for k, v in asdict(state).items() if k != "best_weights"}
+            h5.attrs["format"] = FORMAT
+            h5.attrs["fingerprint"] = fp
+            h5.attrs["state"] = json.dumps(meta)
+            for group, values in (("model", [v.numpy() for v in model.variables]),
+                                  ("optimizer", [v.numpy() for v in model.optimizer.variables])):
+                g = h5.create_group(group)
+                for i, a in enumerate(values):
+                    g.create_dataset(str(i), data=a)
+            # The best weights are stored only when they are neither epoch 0's (rebuilt on every
+            # run) nor the current ones (in "model").
+            if 0 < state.best_epoch < state.epoch:
+                g = h5.create_group("best")
+                for i, a in enumerate(state.best_weights):
+                    g.create_dataset(str(i), data=a)
+
+
+def _assign(variables: list, group: h5py.Group, what: str) -> None:
+    if len(group) != len(variables):
+        raise ValueError(f"{what}: checkpoint has {len(group)} variables, the model {len(variables)}")
+    arrays = [group[str(i)][...] for i in range(len(variables))]
+    for v, a in zip(variables, arrays):
+        if tuple(v.shape) != a.shape:
+            raise ValueError(f"{what}: variable {v.path} has shape {tuple(v.shape)}, checkpoint {a.shape}")
+    for v, a in zip(variables, arrays):
+        v.assign(a)
+
+
+def restore_checkpoint(path: Path, fp: str, model: keras.Model, initial_weights: list,
+                       max_epochs: int) -> Optional[TrainState]:
+    """Restore ``model`` (compiled, trainable set as for training) from ``path`` → its state.
+
+    Returns None, with a log line saying why, when there is no usable checkpoint of this run;
+    ``model`` is then untouched.
+    """
+    if not path.is_file():
+        return None
+    try:
+        with h5py.File(path, "r") as h5:
+            if h5.attrs.get("format") != FORMAT or h5.attrs.get("fingerprint") != fp:
+                log.info("%s belongs to another run (params, head, images or versions differ): starting at epoch 0",
+                         path)
+                return None
+            meta = json.loads(h5.attrs["state"])
+            if meta["epoch"] > max_epochs:
+                log.info("%s is at epoch %d, beyond finetune.epochs = %d: starting at epoch 0", path, meta["epoch"],
+                         max_epochs)
+                return None
+            state = TrainState(**meta)
+            saved = [v.numpy() for v in model.variables]
+            model.optimizer.build(model.trainable_variables)
+            try:
+                _assign(model.variables, h5["model"], "model")
+                _assign(model.optimizer.variables, h5["optimizer"], "optimizer")
+            except ValueError:
+                for v, a in zip(model.variables, saved):
+                    v.assign(a)
+                raise
+            if state.best_epoch == 0:
+                state.best_weights = initial_weights
+            elif state.best_epoch == state.epoch:
+                state.best_weights = model.get_weights()
+            else:
+                state.best_weights = [h5["best"][str(i)][...] for i in range(len(h5["best"]))]
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        log.warning("cannot resume from %s (%s): starting at epoch 0", path, exc)
+        return None
+    return state
+
+
+class Tracker(keras.callbacks.Callback):
+    """Keeps the epoch with the lowest val loss (epoch 0, the head-only model, included), stops
+    after ``patience`` epochs without improvement, and checkpoints after every epoch."""
+
+    def __init__(self, state: TrainState, patience: int, checkpoint: Optional[Path], fp: str):
+        super().__init__()
+        self.state = state
+        self.patience = patience
+        self.checkpoint = checkpoint
+        self.fp = fp
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        s = self.state
+        val_loss = float(logs["val_loss"])
+        s.rows.append([epoch + 1, float(logs["loss"]), float(logs["accuracy"]), val_loss,
+                       float(logs["val_accuracy"])])
+        s.epoch = epoch + 1
+        if val_loss < s.best_loss:
+            s.best_loss, s.best_epoch, s.best_weights, s.wait = val_loss, epoch + 1, self.model.get_weights(), 0
+        else:
+            s.wait += 1
+            if s.wait >= self.patience:
+                s.stopped = True
+                self.model.stop_training = True
+                log.info("no val-loss improvement for %d epochs: stopping", s.wait)
+        if self.checkpoint is not None:
+            save_checkpoint(self.checkpoint, self.fp, s, self.model)
+
+
+def finish(model: keras.Model, state: TrainState) -> None:
+    """Put the best epoch's weights into ``model``."""
+    model.set_weights(state.best_weights)
+    log.info("keeping epoch %d (val loss %.4f)", state.best_epoch, state.best_loss)

@@ -1,0 +1,420 @@
+"""Issue 4, faults: kill -9 during extract, finetune and evaluate; a full disk; a read-only folder;
+stale or foreign artifacts; resuming fine-tuning from its checkpoint.
+
+Kills are real: the stage runs in a subprocess (its own ``main()``) and gets SIGKILL. To land
+the kill inside the stage, the subprocess decodes images slowly (a sleep wrapped around the
+real decoder) and touches a marker file when it starts decoding; nothing under test is mocked.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from conftest import ROOT, as_params, make_images, tiny_params
+from pipeline import evaluate, extract, finetune, prepare, train_head
+from pipeline.backbones import BackboneError
+from pipeline.features import ProvenanceError, read_features
+from pipeline.models import load_model
+from pipeline.resume import TrainState, restore_checkpoint, save_checkpoint
+
+# Runs a stage's main() with a slow decoder: every decode touches $FAULT_MARKER, then sleeps.
+SLOW_STAGE = """
+import os, runpy, sys, time
+import pipeline.images as images
+_load = images.load_image
+def slow_load(*args, **kwargs):
+    open(os.environ["FAULT_MARKER"], "a").close()
+    time.sleep(float(os.environ["FAULT_DELAY"]))
+    return _load(*args, **kwargs)
+images.load_image = slow_load  # before the stage imports pipeline.datasets
+module = sys.argv[1]
+sys.argv = [module] + sys.argv[2:]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+class Project:
+    """A tiny project that has run prepare, extract, train_head and an uninterrupted 2-epoch finetune
+    with a checkpoint (``ref/``: the reference a killed-and-resumed run must equal)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.raw = make_images(root / "raw", per_class=12)
+        self.raw_params = tiny_params(str(self.raw), **{"finetune.epochs": 2, "finetune.patience": 5,
+                                                        "finetune.class_weight": "balanced"})
+        self.params_file = self.write_params(self.raw_params, "params.yaml")
+        self.params = as_params(self.raw_params)
+        self.manifest, self.classes = root / "manifest.csv", root / "classes.json"
+        self.feats = {s: root / f"{s}.h5" for s in prepare.SPLITS}
+        self.head = root / "head.keras"
+        self.ref = root / "ref"
+        self.model = self.ref / "model.keras"
+        prepare.run(self.raw, self.manifest, self.classes, self.params.data)
+        extract.run(self.raw, self.manifest, self.classes, self.feats, self.params)
+        train_head.run(self.feats["train"], self.feats["val"], self.classes, self.head, root / "head_metrics.json",
+                       root / "head_history.csv", self.params)
+        self.ref.mkdir()
+        # The run test_kill_during_finetune kills: started now, so that it runs (and is killed
+        # after epoch 1) while the uninterrupted reference below trains.
+        killed = root / "killed"
+        self.killed_checkpoint = killed / "checkpoint.h5"
+        args = ["--raw-dir", str(self.raw), "--manifest", str(self.manifest), "--classes", str(self.classes),
+                "--val-features", str(self.feats["val"]), "--head", str(self.head), "--model",
+                str(killed / "model.keras"), "--history", str(killed / "history.csv"), "--metrics",
+                str(killed / "metrics.json"), "--checkpoint", str(self.killed_checkpoint), "--params",
+                str(self.params_file)]
+        # The checkpoint appears (atomically) when epoch 1 of 2 has finished: the kill lands in epoch 2.
+        self.killed_finetune = KilledStage("pipeline.finetune", args, root / "killed_work", delay=0.01,
+                                           ready=self.killed_checkpoint.exists)
+        self.ref_metrics = self.finetune(self.ref, checkpoint=self.ref / "checkpoint.h5")
+
+    def write_params(self, raw: dict, name: str) -> Path:
+        path = self.root / name
+        path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+        return path
+
+    def finetune(self, out: Path, params=None, checkpoint: Path | None = None) -> dict:
+        return finetune.run(self.raw, self.manifest, self.classes, self.feats["val"], self.head, out / "model.keras",
+                            out / "history.csv", out / "metrics.json", params or self.params, checkpoint=checkpoint)
+
+    def evaluate(self, out: Path, model: Path | None = None) -> dict:
+        return evaluate.run(self.raw, self.classes, self.feats["test"], self.head, model or self.model,
+                            out / "metrics.json", out / "per_class.json", out / "plots", out / "mistakes.png",
+                            self.params)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Project:
+    return Project(tmp_path_factory.mktemp("faults"))
+
+
+class KilledStage:
+    """A stage's ``main()`` in a subprocess with a slow decoder, SIGKILLed by a watcher thread the
+    moment ``ready()`` (default: decoding has started) holds. Other work can run meanwhile."""
+
+    def __init__(self, module: str, args: list[str], workdir: Path, delay: float, ready=None):
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.marker, self.log = workdir / "decoding-started", workdir / "stage.log"
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "FAULT_MARKER": str(self.marker), "FAULT_DELAY": str(delay),
+               "TMPDIR": str(workdir)}
+        with open(self.log, "wb") as fh:
+            self.proc = subprocess.Popen([sys.executable, "-c", SLOW_STAGE, module, *args], cwd=ROOT, env=env,
+                                         stdout=fh, stderr=subprocess.STDOUT)
+        self.failure = ""
+        self.thread = threading.Thread(target=self._watch, args=(ready or self.marker.exists,), daemon=True)
+        self.thread.start()
+
+    def _watch(self, ready, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.failure = f"the stage ended (rc {self.proc.returncode}) before it could be killed"
+                return
+            if ready():
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+                return
+            time.sleep(0.01)
+        self.proc.kill()
+        self.failure = "the stage never reached the kill point"
+
+    def wait_killed(self) -> None:
+        """Block until the kill; fail the test if the stage was not killed by it."""
+        self.thread.join()
+        if self.failure:
+            pytest.fail(f"{self.failure}:\n{self.log.read_text(errors='replace')[-3000:]}")
+        assert self.proc.returncode == -signal.SIGKILL
+
+
+def _visible(folder: Path) -> set[str]:
+    """Files a later stage could pick up (the temporary names of atomic writes are hidden)."""
+    return {p.name for p in folder.iterdir() if not p.name.startswith(".")}
+
+
+# --- kill -9 -------------------------------------------------------------------------------------------
+
+def test_kill_during_extract_leaves_the_previous_features_or_none(project, tmp_path):
+    # A complete previous version of two splits; the third was never extracted.
+    for s in ("train", "val"):
+        shutil.copy(project.feats[s], tmp_path / f"{s}.h5")
+    before = {s: (tmp_path / f"{s}.h5").read_bytes() for s in ("train", "val")}
+    new_raw = tiny_params(str(project.raw), **{"backbone.pooling": "max"})
+    new_params_file = project.write_params(new_raw, "params_max.yaml")
+    outs = [a for s in prepare.SPLITS for a in (f"--{s}", str(tmp_path / f"{s}.h5"))]
+    KilledStage("pipeline.extract", ["--raw-dir", str(project.raw), "--manifest", str(project.manifest), "--classes",
+                                     str(project.classes), *outs, "--metrics", str(tmp_path / "extract.json"),
+                                     "--params", str(new_params_file)], tmp_path / "work", delay=0.3).wait_killed()
+    assert _visible(tmp_path) == {"train.h5", "val.h5", "work"}
+    for s in ("train", "val"):
+        assert (tmp_path / f"{s}.h5").read_bytes() == before[s], f"{s}.h5 was touched by the killed run"
+        read_features(tmp_path / f"{s}.h5", extract.feature_provenance(project.params, ["circle", "square", "stripes"]))
+    # The rerun completes, with the new params.
+    new_params = as_params(new_raw)
+    extract.run(project.raw, project.manifest, project.classes, {s: tmp_path / f"{s}.h5" for s in prepare.SPLITS},
+                new_params)
+    expected = extract.feature_provenance(new_params, ["circle", "square", "stripes"])
+    for s in prepare.SPLITS:
+        fs = read_features(tmp_path / f"{s}.h5", expected)
+        assert fs.attrs["pooling"] == "max" and len(fs.paths) == len(read_features(project.feats[s]).paths)
+
+
+def test_kill_during_finetune_then_resume_equals_an_uninterrupted_run(project, tmp_path, caplog):
+    # Killed after epoch 1 of 2 (see Project), while the reference ran uninterrupted.
+    project.killed_finetune.wait_killed()
+    ckpt, ref = project.killed_checkpoint, project.ref
+    killed = ckpt.parent
+    assert _visible(killed) == {"checkpoint.h5"}  # no model, sidecar, history or metrics
+    with h5py.File(ckpt, "r") as h5:
+        assert json.loads(h5.attrs["state"])["epoch"] == 1
+
+    with caplog.at_level(logging.INFO, logger="pipeline.finetune"):
+        resumed = project.finetune(killed, checkpoint=ckpt)
+    assert f"resuming from {ckpt} after epoch 1" in caplog.text
+    uninterrupted = project.ref_metrics
+
+    assert (killed / "history.csv").read_text() == (ref / "history.csv").read_text()
+    assert len((ref / "history.csv").read_text().splitlines()) == 1 + 1 + 2
+    drop = lambda m: {k: v for k, v in m.items() if k != "seconds"}  # noqa: E731
+    assert drop(resumed) == drop(uninterrupted)
+    # The trained state after epoch 2 (every variable and the optimizer's momentum) is identical.
+    with h5py.File(ckpt, "r") as a, h5py.File(ref / "checkpoint.h5", "r") as b:
+        for group in ("model", "optimizer"):
+            assert len(a[group]) == len(b[group]) > 0
+            for k in a[group]:
+                np.testing.assert_array_equal(a[group][k][...], b[group][k][...], err_msg=f"{group}/{k}")
+    ma, _ = load_model(killed / "model.keras")
+    mb, _ = load_model(ref / "model.keras")
+    for wa, wb in zip(ma.get_weights(), mb.get_weights()):
+        np.testing.assert_array_equal(wa, wb)
+
+
+def test_kill_during_evaluate_leaves_no_report(project, tmp_path):
+    out = tmp_path / "reports"
+    args = ["--raw-dir", str(project.raw), "--classes", str(project.classes), "--test-features",
+            str(project.feats["test"]), "--head", str(project.head), "--model", str(project.model), "--metrics",
+            str(out / "metrics.json"), "--per-class", str(out / "per_class.json"), "--plots-dir", str(out / "plots"),
+            "--mistakes", str(out / "mistakes.png"), "--params", str(project.params_file)]
+    KilledStage("pipeline.evaluate", args, tmp_path / "work", delay=0.3).wait_killed()
+    assert not out.exists() or not [p for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    # The rerun completes; the reports are those of an uninterrupted run (the reference's model).
+    metrics = project.evaluate(out)
+    assert json.loads((out / "metrics.json").read_text())["finetuned"]["n"] == metrics["finetuned"]["n"] > 0
+    assert {p.name for p in (out / "plots").iterdir()} == {"confusion_head.csv", "confusion_finetuned.csv",
+                                                           "roc_head.csv", "roc_finetuned.csv"}
+
+
+# --- write failures ------------------------------------------------------------------------------------
+
+class _FileSizeLimit:
+    """RLIMIT_FSIZE: any write past ``limit`` bytes fails with EFBIG, as on a full disk.
+
+    Python ignores SIGXFSZ, so the write raises OSError instead of killing the process.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+
+    def __enter__(self):
+        self.old = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit, self.old[1]))
+
+    def __exit__(self, *exc):
+        resource.setrlimit(resource.RLIMIT_FSIZE, self.old)
+
+
+def test_disk_full_while_saving_a_model_keeps_the_previous_model(project, tmp_path):
+    dense = as_params(tiny_params(str(project.raw), **{"head.type": "dense", "head.dense.epochs": 2}))
+    head = tmp_path / "head.keras"
+
+    def fit_head():
+        train_head.run(project.feats["train"], project.feats["val"], project.classes, head, tmp_path / "m.json",
+                       tmp_path / "h.csv", dense)
+
+    shutil.copy(project.head, head)
+    shutil.copy(project.head.with_suffix(".json"), tmp_path / "head.json")
+    before = {n: (tmp_path / n).read_bytes() for n in ("head.keras", "head.json")}
+    with pytest.raises(OSError) as exc, _FileSizeLimit(8 << 10):  # the head file is ~20 kB
+        fit_head()
+    assert exc.value.errno == 27, exc.value  # EFBIG: "File too large"
+    assert {n: (tmp_path / n).read_bytes() for n in before} == before
+    assert _visible(tmp_path) == {"head.keras", "head.json"}  # and no temporary file left either
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert load_model(head)[1]["head_type"] == "logreg"  # still the previous, consistent pair
+    fit_head()  # with space again, the rerun completes
+    assert load_model(head)[1]["head_type"] == "dense"
+
+
+def test_disk_full_while_writing_features_keeps_the_previous_features(project, tmp_path):
+    outs = {s: tmp_path / f"{s}.h5" for s in prepare.SPLITS}
+    for s, out in outs.items():
+        shutil.copy(project.feats[s], out)
+    before = {s: out.read_bytes() for s, out in outs.items()}
+    # A feature file of this project is ~70 kB; its header and small datasets fit in 16 kB.
+    with pytest.raises(Exception), _FileSizeLimit(16 << 10):
+        extract.run(project.raw, project.manifest, project.classes, outs, project.params)
+    assert {s: out.read_bytes() for s, out in outs.items()} == before
+    assert _visible(tmp_path) == {f"{s}.h5" for s in prepare.SPLITS}
+    extract.run(project.raw, project.manifest, project.classes, outs, project.params)
+    for s, out in outs.items():
+        np.testing.assert_array_equal(read_features(out).features, read_features(project.feats[s]).features)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; run the suite as a user")
+def test_read_only_output_folder_fails_cleanly(project, tmp_path):
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        with pytest.raises(PermissionError):
+            train_head.run(project.feats["train"], project.feats["val"], project.classes, out / "head.keras",
+                           out / "m.json", out / "h.csv", project.params)
+        assert list(out.iterdir()) == []
+    finally:
+        out.chmod(0o755)
+
+
+# --- stale or foreign artifacts ------------------------------------------------------------------------
+
+def test_features_from_other_params_are_refused_naming_the_difference(project, tmp_path):
+    other = as_params(tiny_params(str(project.raw), **{"backbone.pooling": "max"}))
+    with pytest.raises(ProvenanceError, match=r"pooling: artifact has 'avg', params give 'max'.*dvc repro"):
+        evaluate.run(project.raw, project.classes, project.feats["test"], project.head, project.model,
+                     tmp_path / "m.json", tmp_path / "pc.json", tmp_path / "plots", tmp_path / "mis.png", other)
+    with pytest.raises(ProvenanceError, match="image_size: artifact has 64, params give 96"):
+        project.finetune(tmp_path, params=as_params(tiny_params(str(project.raw), **{"backbone.image_size": 96})))
+    assert _visible(tmp_path) == set()
+
+
+def test_incomplete_feature_file_is_refused(project, tmp_path):
+    f = tmp_path / "val.h5"
+    shutil.copy(project.feats["val"], f)
+    with h5py.File(f, "a") as h5:
+        h5.attrs["complete"] = False
+    with pytest.raises(ProvenanceError, match="incomplete feature file"):
+        read_features(f)
+
+
+def test_truncated_feature_file_names_the_file_and_the_fix(project, tmp_path):
+    f = tmp_path / "val.h5"
+    data = project.feats["val"].read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ProvenanceError) as exc:
+        read_features(f)
+    assert str(f) in str(exc.value) and "extract" in str(exc.value)
+
+
+def test_head_trained_for_another_class_list_is_refused(project, tmp_path):
+    other = tmp_path / "classes.json"
+    doc = json.loads(project.classes.read_text())
+    doc["classes"] = ["circle", "disc", "stripes"]
+    other.write_text(json.dumps(doc))
+    with pytest.raises(ProvenanceError, match=r"class_names: artifact has \['circle', 'square', 'stripes'\], "
+                                              r"params give \['circle', 'disc', 'stripes'\]"):
+        finetune.run(project.raw, project.manifest, other, project.feats["val"], project.head, tmp_path / "model.keras",
+                     tmp_path / "h.csv", tmp_path / "m.json", project.params)
+    assert _visible(tmp_path) == {"classes.json"}
+
+
+def test_a_model_file_swapped_under_its_sidecar_is_refused(project, tmp_path):
+    shutil.copy(project.model, tmp_path / "head.keras")  # another model under the head's sidecar
+    shutil.copy(project.head.with_suffix(".json"), tmp_path / "head.json")
+    with pytest.raises(ValueError, match="does not describe"):
+        load_model(tmp_path / "head.keras")
+    # A consistent pair from a run with another backbone: refused by provenance.
+    expected = extract.feature_provenance(as_params(tiny_params(**{"backbone.name": "mobilenet_v2",
+                                                                   "backbone.weights": "none"})),
+                                          ["circle", "square", "stripes"])
+    with pytest.raises(ProvenanceError,
+                       match="backbone: artifact has 'efficientnet_lite0', params give 'mobilenet_v2'"):
+        load_model(project.head, expected)
+
+
+def test_weights_files_of_the_wrong_architecture_are_refused(tmp_path):
+    from pipeline.backbones import build_backbone
+    from pipeline.params import parse_params
+
+    empty = tmp_path / "empty.weights.h5"
+    empty.write_bytes(b"")
+    with pytest.raises(BackboneError, match=r"empty.weights.h5 does not fit mobilenet_v2 at 64px"):
+        build_backbone(parse_params({"backbone": {"name": "mobilenet_v2", "weights": str(empty),
+                                                  "image_size": 64}}).backbone)
+    import keras
+
+    keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(64, 64, 3)).save_weights(
+        tmp_path / "mnv2.weights.h5")
+    with pytest.raises(BackboneError, match=r"backbone.weights: .*mnv2.weights.h5 is not usable for "
+                                            r"efficientnet_lite0 .*needs an EfficientNet-Lite0 PyTorch checkpoint"):
+        build_backbone(parse_params({"backbone": {"weights": str(tmp_path / "mnv2.weights.h5"),
+                                                  "image_size": 64}}).backbone)
+
+
+def test_unknown_unfreeze_layer_fails_before_any_training(project, tmp_path):
+    bad = as_params(tiny_params(str(project.raw), **{"finetune.unfreeze_from": "block9z_nope"}))
+    with pytest.raises(BackboneError, match=r"finetune.unfreeze_from: 'block9z_nope' is not a layer of "
+                                            r"efficientnet_lite0; valid block boundaries: block1a_dwconv"):
+        project.finetune(tmp_path, params=bad, checkpoint=tmp_path / "ckpt.h5")
+    assert _visible(tmp_path) == set()
+
+
+# --- the checkpoint itself -----------------------------------------------------------------------------
+
+def _tiny_model(seed: int):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((4,))
+    x = keras.layers.Dropout(0.2, seed=seed)(keras.layers.Dense(8, activation="relu")(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="sparse_categorical_crossentropy")
+    return model
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path, caplog):
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+    y = (x[:, 0] > 0).astype("int64")
+    a = _tiny_model(1)
+    initial = a.get_weights()
+    a.fit(x, y, epochs=2, verbose=0)
+    state = TrainState(epoch=2, rows=[[0, "", "", 1.0, 0.5], [1, 0.9, 0.6, 0.8, 0.6], [2, 0.7, 0.7, 0.9, 0.6]],
+                       best_loss=0.8, best_epoch=1, wait=1, best_weights=[w * 0 + 1 for w in initial])
+    ckpt = tmp_path / "ckpt.h5"
+    save_checkpoint(ckpt, "fp-A", state, a)
+
+    b = _tiny_model(2)
+    got = restore_checkpoint(ckpt, "fp-A", b, b.get_weights(), max_epochs=5)
+    assert (got.epoch, got.best_epoch, got.wait, got.rows) == (2, 1, 1, state.rows)
+    for va, vb in zip(a.variables + a.optimizer.variables, b.variables + b.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(va), np.asarray(vb), err_msg=va.path)  # incl. dropout seed state
+    assert all((w == 1).all() for w in got.best_weights)
+    # Continuing training from the restored model equals continuing the original.
+    a.fit(x, y, epochs=1, verbose=0, shuffle=False)
+    b.fit(x, y, epochs=1, verbose=0, shuffle=False)
+    for wa, wb in zip(a.get_weights(), b.get_weights()):
+        np.testing.assert_array_equal(wa, wb)
+
+    c = _tiny_model(3)
+    untouched = [w.copy() for w in c.get_weights()]
+    with caplog.at_level(logging.INFO, logger="pipeline.resume"):
+        assert restore_checkpoint(ckpt, "fp-B", c, untouched, max_epochs=5) is None
+        assert "belongs to another run" in caplog.text
+        assert restore_checkpoint(ckpt, "fp-A", c, untouched, max_epochs=1) is None
+        assert "beyond finetune.epochs = 1" in caplog.text
+        ckpt.write_bytes(b"garbage, not HDF5")
+        assert restore_checkpoint(ckpt, "fp-A", c, untouched, max_epochs=5) is None
+        assert "cannot resume from" in caplog.text
+    for w, u in zip(c.get_weights(), untouched):
+        np.testing.assert_array_equal(w, u)
