@@ -11,6 +11,11 @@ training the stacking parity is asserted: on val images, stacked-model probabili
 equal the head's probabilities on the cached features (else preprocessing or pooling
 drifted between extract and here). The epoch kept is the one with the lowest val loss,
 epoch 0 (the head-only model) included, so fine-tuning never returns a worse model on val.
+
+With ``--checkpoint``, the state after every epoch is saved there (atomically), and with
+``finetune.resume`` a run whose checkpoint belongs to the same params, head and images
+continues after its last finished epoch and ends with the same model as an uninterrupted
+run (see :mod:`pipeline.resume`).
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.backbones import build_backbone, count_params, get_base, image_size, unfreeze_from
-from pipeline.datasets import build_augmentation, image_dataset
+from pipeline.datasets import image_dataset
 from pipeline.extract import feature_provenance
 from pipeline.features import read_features
 from pipeline.images import load_batch
@@ -32,6 +37,8 @@ from pipeline.io_utils import library_versions, read_json, setup_logging, write_
 from pipeline.models import build_stacked, load_model, save_model
 from pipeline.params import Params, as_dict, load_params
 from pipeline.prepare import read_manifest
+from pipeline.resume import TrainState, Tracker, finish, fingerprint, restore_checkpoint, training_stream
+from pipeline.train_head import class_weights
 
 log = logging.getLogger(__name__)
 
@@ -64,31 +71,51 @@ def check_parity(stacked: keras.Model, head: keras.Model, images: np.ndarray, fe
     return diff
 
 
-class KeepBest(keras.callbacks.Callback):
-    """Track the lowest val loss, starting from the untrained model's, and restore it at the end."""
+def start_live(live_dir: Path, val_loss: float, val_accuracy: float):
+    """A dvclive run in ``live_dir``: step 0 = the head-only model, then one step per epoch.
 
-    def __init__(self, baseline_loss: float):
-        super().__init__()
-        self.best_loss = baseline_loss
-        self.best_epoch = 0
-        self.best_weights = None
+    dvclive fits the epoch loop: each epoch's metrics reach ``live_dir`` (plots/metrics/*.tsv,
+    and metrics.json = the latest epoch) while training runs, and DVC Studio when configured.
+    ``dvcyaml=None``: dvc.yaml declares these outputs, dvclive must not rewrite it mid-stage.
+    """
+    from dvclive import Live
 
-    def on_train_begin(self, logs=None):
-        self.best_weights = self.model.get_weights()
+    live = Live(str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+    live.log_metric("eval/loss", float(val_loss))
+    live.log_metric("eval/accuracy", float(val_accuracy))
+    live.next_step()
+    return live
 
-    def on_epoch_end(self, epoch, logs=None):
-        loss = (logs or {}).get("val_loss")
-        if loss is not None and loss < self.best_loss:
-            self.best_loss, self.best_epoch, self.best_weights = loss, epoch + 1, self.model.get_weights()
 
-    def on_train_end(self, logs=None):
-        self.model.set_weights(self.best_weights)
-        log.info("keeping epoch %d (val loss %.4f)", self.best_epoch, self.best_loss)
+def live_callbacks(live) -> list:
+    """dvclive's Keras callback (logs each epoch, ends the run after fit); none without a run."""
+    if live is None:
+        return []
+    from dvclive.keras import DVCLiveCallback
+
+    return [DVCLiveCallback(live=live)]
+
+
+def log_history(live, rows: list) -> None:
+    """Re-log the epochs a resumed run restored, so dvclive's series equal an uninterrupted run's."""
+    if live is None:
+        return
+    for _, loss, acc, val_loss, val_acc in rows:
+        for name, value in (("train/loss", loss), ("train/accuracy", acc), ("eval/loss", val_loss),
+                            ("eval/accuracy", val_acc)):
+            live.log_metric(name, float(value))
+        live.next_step()
 
 
 def run(raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path, head_path: Path,
-        model_out: Path, history_out: Path, metrics_out: Path, params: Params) -> dict:
-    """Fine-tune and save ``model_out``; returns the metrics written to ``metrics_out``."""
+        model_out: Path, history_out: Path, metrics_out: Path, params: Params,
+        live_dir: Path | None = None, checkpoint: Path | None = None) -> dict:
+    """Fine-tune and save ``model_out``; returns the metrics written to ``metrics_out``.
+
+    With ``live_dir``, every epoch is also logged with dvclive (see :func:`start_live`).
+    With ``checkpoint``, the training state is saved there after every epoch, and resumed
+    from when ``finetune.resume`` is on and the checkpoint belongs to this run.
+    """
     t0 = time.perf_counter()
     p = params.finetune
     classes = read_json(classes_json)["classes"]
@@ -121,8 +148,9 @@ def run(raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path, h
                     metrics=["accuracy"])
     init_loss, init_acc = stacked.evaluate(val_ds, verbose=0)
     # Epoch 0 = the head-only model; it has no training loss, so those cells stay empty.
-    rows = [(0, "", "", init_loss, init_acc)]
-    best_epoch, best_loss = 0, init_loss
+    state = TrainState(epoch=0, rows=[[0, "", "", float(init_loss), float(init_acc)]], best_loss=float(init_loss))
+    live = start_live(live_dir, init_loss, init_acc) if live_dir is not None else None
+    fitted = False
     if p.epochs > 0:
         n_trainable = unfreeze_from(base, p.unfreeze_from, params.backbone.name)
         # Trainability changed: recompile so the optimizer sees the new trainable set.
@@ -130,16 +158,28 @@ def run(raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path, h
                         metrics=["accuracy"])
         log.info("unfrozen from %s: %d trainable tensors, %d trainable params", p.unfreeze_from, n_trainable,
                  count_params(stacked.trainable_weights))
-        train_ds = image_dataset([str(raw_dir / it.path) for it in train], size, p.batch_size,
-                                 labels=[index[it.label] for it in train], shuffle=True, seed=params.seed,
-                                 augment=build_augmentation(p.augment, params.seed))
-        keep = KeepBest(init_loss)
-        hist = stacked.fit(train_ds, validation_data=val_ds, epochs=p.epochs, verbose=2, callbacks=[
-            keras.callbacks.EarlyStopping("val_loss", patience=p.patience), keep])
-        h = hist.history
-        rows += [(i + 1, h["loss"][i], h["accuracy"][i], h["val_loss"][i], h["val_accuracy"][i])
-                 for i in range(len(h["loss"]))]
-        best_epoch, best_loss = keep.best_epoch, keep.best_loss
+        state.best_weights = stacked.get_weights()
+        fp = fingerprint(params, expected, head_path, raw_dir, [(it.path, it.label, it.split) for it in train + val]) \
+            if checkpoint is not None else ""
+        if checkpoint is not None and p.resume:
+            restored = restore_checkpoint(checkpoint, fp, stacked, state.best_weights, p.epochs)
+            if restored is not None:
+                state = restored
+                log.info("resuming from %s after epoch %d (finetune.resume)", checkpoint, state.epoch)
+                log_history(live, state.rows[1:])
+        if state.epoch < p.epochs and not state.stopped:
+            train_labels = [index[it.label] for it in train]
+            train_ds, steps = training_stream([str(raw_dir / it.path) for it in train], train_labels, size,
+                                              p.batch_size, p.augment, params.seed, state.epoch, p.epochs)
+            stacked.fit(train_ds, steps_per_epoch=steps, validation_data=val_ds, initial_epoch=state.epoch,
+                        epochs=p.epochs, verbose=2, shuffle=False,  # each epoch's stream is already shuffled
+                        class_weight=class_weights(np.asarray(train_labels), len(classes), p.class_weight),
+                        callbacks=[Tracker(state, p.patience, checkpoint, fp), *live_callbacks(live)])
+            fitted = True
+        finish(stacked, state)
+    if live is not None and not fitted:
+        live.end()  # no fit, so no DVCLiveCallback to end the run
+    rows, best_epoch, best_loss = state.rows, state.best_epoch, state.best_loss
     # The saved model is for inference: everything frozen again, as a loaded model would be used.
     base.trainable = False
     best_acc = next(r[4] for r in rows if r[0] == best_epoch)
@@ -161,12 +201,15 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name in ("raw-dir", "manifest", "classes", "val-features", "head", "model", "history", "metrics"):
         ap.add_argument(f"--{name}", type=Path, required=True)
+    ap.add_argument("--live-dir", type=Path, default=None, help="dvclive folder for per-epoch metrics")
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="per-epoch training state, resumed from with finetune.resume (HDF5)")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
     setup_logging()
     params = load_params(args.params)
     run(args.raw_dir, args.manifest, args.classes, args.val_features, args.head, args.model, args.history,
-        args.metrics, params)
+        args.metrics, params, live_dir=args.live_dir, checkpoint=args.checkpoint)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,11 @@ class DataParams:
     val_fraction: float = field(default=0.15, metadata=_range(0.0, 1.0, lo_open=True, hi_open=True))
     test_fraction: float = field(default=0.15, metadata=_range(0.0, 1.0, hi_open=True))
     seed: int = 42
+    # prepare's decode check: the share of image files that may be rejected before the run
+    # fails, the fewest usable images a class may end with, the decompression-bomb guard.
+    max_rejected_fraction: float = field(default=0.05, metadata=_range(0.0, 1.0))
+    min_images_per_class: int = field(default=5, metadata=_range(1, None))
+    max_image_pixels: int = field(default=100_000_000, metadata=_range(1, None))
 
     def __post_init__(self) -> None:
         if self.val_fraction + self.test_fraction >= 1.0:
@@ -65,6 +70,7 @@ class BackboneParams:
 @dataclass(frozen=True)
 class ExtractParams:
     batch_size: int = field(default=32, metadata=_range(1, 4096))
+    gpu_batch_size: int = field(default=256, metadata=_range(1, 65536))
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,8 @@ class DenseParams:
 @dataclass(frozen=True)
 class HeadParams:
     type: Literal["logreg", "dense"] = "logreg"
+    # "balanced": each class weighted n / (k * count) in the loss (sklearn's formula).
+    class_weight: Literal["none", "balanced"] = "none"
     logreg: LogregParams = LogregParams()
     dense: DenseParams = DenseParams()
 
@@ -106,6 +114,9 @@ class FinetuneParams:
     momentum: float = field(default=0.9, metadata=_range(0.0, 1.0, hi_open=True))
     batch_size: int = field(default=16, metadata=_range(1, 4096))
     patience: int = field(default=3, metadata=_range(1, None))
+    class_weight: Literal["none", "balanced"] = "none"
+    # Continue from the per-epoch checkpoint when it belongs to this very run (see finetune).
+    resume: bool = True
     augment: AugmentParams = AugmentParams()
 
 

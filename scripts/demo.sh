@@ -18,4 +18,7 @@ for name in ("head", "finetuned"):
     r = m[name]
     print(f"  {name:9s} accuracy {r['accuracy']:.4f}  log loss {r['log_loss']:.4f}  ROC-AUC {r['roc_auc']}  (n={r['n']})")
 PY
-echo "==> mistakes gallery: reports/mistakes.png; plots: dvc plots show (writes dvc_plots/index.html)"
+echo "==> mistakes gallery: reports/mistakes.png; plots: dvc plots show (writes dvc_plots/index.html;"
+echo "    offline: bash scripts/plots.sh)"
+echo "==> predict: python -m pipeline.predict <image or folder> --out predictions.csv"
+echo "    serving export (uint8 pixels in, probabilities + class names out): models/serving/"

@@ -59,3 +59,183 @@ def shared_dataset(name: str) -> Path:
 @pytest.fixture
 def tiny_images(tmp_path: Path) -> Path:
     return make_images(tmp_path / "raw")
+
+
+# --- A tiny DVC project that has run the whole pipeline (predict, export, plots, CI remote tests) ---
+
+def run_dvc(cwd: Path, *args: str, check: bool = True) -> str:
+    """``python -m dvc ARGS`` in ``cwd`` with this venv on PATH (stage commands run ``python``); stdout+stderr."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    if check:
+        assert proc.returncode == 0, f"dvc {' '.join(args)} failed in {cwd}:\n{out[-4000:]}"
+    return out
+
+
+def run_git(cwd: Path, *args: str) -> str:
+    import subprocess
+
+    proc = subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, f"git {' '.join(args)} failed in {cwd}:\n{proc.stdout}{proc.stderr}"
+    return proc.stdout
+
+
+@pytest.fixture(scope="session")
+def tiny_dvc_project(tmp_path_factory) -> Path:
+    """This project's dvc.yaml + pipeline/ on 3 × 12 tiny images with tiny params, in a fresh git + DVC
+    repo whose images are DVC-tracked (``data/raw.dvc``) and whose default remote is a local folder
+    (``<tmp>/remote``); ``dvc repro`` has run and everything is committed. Read-only for its users.
+    """
+    import shutil
+
+    proj = tmp_path_factory.mktemp("tinyproj")
+    remote = tmp_path_factory.mktemp("remote")
+    shutil.copy(ROOT / "dvc.yaml", proj / "dvc.yaml")
+    shutil.copytree(ROOT / "pipeline", proj / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    make_images(proj / "data" / "raw", per_class=12)
+    (proj / "params.yaml").write_text(yaml.safe_dump(tiny_params("data/raw")))
+    # The project's ignore files: its generated outputs and local caches stay out of git and DVC.
+    shutil.copy(ROOT / ".gitignore", proj / ".gitignore")
+    run_git(proj, "init", "-q", "-b", "main")
+    run_dvc(proj, "init", "-q")
+    shutil.copy(ROOT / ".dvcignore", proj / ".dvcignore")
+    run_dvc(proj, "config", "core.analytics", "false")
+    run_dvc(proj, "remote", "add", "-d", "local", str(remote))
+    run_dvc(proj, "add", "-q", "data/raw")
+    run_git(proj, "add", "-A")
+    run_git(proj, "commit", "-qm", "tiny project")
+    run_dvc(proj, "repro")
+    run_git(proj, "add", "-A")
+    run_git(proj, "commit", "-qm", "first run")
+    return proj
+
+
+# --- Hostile inputs (issue 4): every odd file a real image folder holds, made here ---
+
+HOSTILE_CLASSES = ("chat noir é", "circle", "square")
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` RGB pixels, with almost no data: a bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+            + chunk(b"IEND", b""))
+
+
+def make_hostile_folder(root: Path, per_class: int = 12) -> tuple[Path, dict[str, tuple[str, str]]]:
+    """An image folder with good images plus every hostile file of issue 4, all made here.
+
+    Returns ``(root, expected)``: for each path (relative to ``root``, as prepare reports it)
+    ``("accepted", "")``, ``("rejected", reason substring)`` or ``("ignored", reason substring)``.
+    The good images: ``per_class`` synthetic PNGs in "circle" and "square" and ``per_class - 4``
+    in "chat noir é" (unequal class sizes, a class name with a space and an accent).
+    """
+    import io
+    import os
+
+    from PIL import Image
+
+    expected: dict[str, tuple[str, str]] = {}
+    make_images(root, classes=("circle", "square"), per_class=per_class)
+    for name in sorted(os.listdir(root / "circle")) + sorted(os.listdir(root / "square")):
+        expected[f"{name.split('_')[0]}/{name}"] = ("accepted", "")
+    uni = root / "chat noir é"
+    uni.mkdir()
+    for i in range(per_class - 4):
+        render("stripes", np.random.default_rng([9, i]), 48).save(uni / f"été n°{i:02d}.png")
+        expected[f"chat noir é/été n°{i:02d}.png"] = ("accepted", "")
+    rng = np.random.default_rng(1)
+    base = render("circle", rng, 96).convert("RGB")
+
+    def put(rel: str, outcome: str, reason: str = "", data: bytes | None = None, image=None, **save) -> Path:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if data is not None:
+            path.write_bytes(data)
+        elif image is not None:
+            image.save(path, **save)
+        expected[rel] = (outcome, reason)
+        return path
+
+    # Formats and modes that must decode, all the same way.
+    put("circle/cmyk photo.jpg", "accepted", image=base.convert("CMYK"), format="JPEG")
+    put("circle/gray.png", "accepted", image=base.convert("L"))
+    gray16 = Image.fromarray((np.asarray(base.convert("L"), np.uint16) * 257).astype(np.uint16))
+    put("circle/gray16.png", "accepted", image=gray16)
+    pal = base.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    put("circle/palette transparent.png", "accepted", image=pal, transparency=0)
+    rgba = base.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(base.size))
+    put("circle/rgba.png", "accepted", image=rgba)
+    put("circle/huge but allowed.jpg", "accepted", image=Image.new("RGB", (4000, 3000), (200, 30, 30)),
+        format="JPEG", quality=70)
+    put('circle/a, "quoted" name.png', "accepted", image=base)
+    put("square/photo.webp", "accepted", image=base, format="WEBP", lossless=True)
+    put("square/photo.bmp", "accepted", image=base)
+    frames = [base.convert("P"), Image.new("P", base.size, 3)]
+    put("square/anim.gif", "accepted", image=frames[0], save_all=True, append_images=frames[1:])
+    put("square/scan.tiff", "accepted", image=base)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    put("square/rotated.jpg", "accepted", image=base, format="JPEG", exif=exif.tobytes())
+    put("square/bilevel.png", "accepted", image=base.convert("1"))
+    put("square/nested/deeper/inner.png", "accepted", image=base)
+
+    # Image names whose content is not a usable image: rejected, with a reason.
+    jpeg = io.BytesIO()
+    base.save(jpeg, "JPEG", quality=90)
+    put("circle/truncated.jpg", "rejected", "truncated", data=jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    put("circle/empty.jpg", "rejected", "empty file", data=b"")
+    put("circle/page.jpg", "rejected", "HTML", data=b"<!DOCTYPE html><html><body>404 Not Found</body></html>\n")
+    put("square/notes.png", "rejected", "text file", data=b"just some notes\n")
+    put("square/lfs.jpg", "rejected", "Git LFS", data=b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\n"
+                                                       b"size 123\n")
+    put("square/bomb.png", "rejected", "data.max_image_pixels", data=_png_header_only(100_000, 100_000))
+    put("square/float.tif", "rejected", "floating-point", image=Image.fromarray(np.ones((8, 8), np.float32)))
+    os.symlink("does-not-exist.jpg", root / "circle" / "broken link.jpg")
+    expected["circle/broken link.jpg"] = ("rejected", "broken symlink")
+    os.symlink("loop_b.jpg", root / "circle" / "loop_a.jpg")
+    os.symlink("loop_a.jpg", root / "circle" / "loop_b.jpg")
+    expected["circle/loop_a.jpg"] = ("rejected", "symlink loop")
+    expected["circle/loop_b.jpg"] = ("rejected", "symlink loop")
+    bad_name = os.fsdecode(b"\xff\xfe.jpg")  # not UTF-8: kept by Python as surrogate escapes
+    (root / "circle" / bad_name).write_bytes(jpeg.getvalue())
+    expected["circle/\\xff\\xfe.jpg"] = ("rejected", "UTF-8")
+    bad_folder = root / "circle" / os.fsdecode(b"sub \xe9t\xe9")  # a Latin-1 folder name
+    bad_folder.mkdir()
+    base.save(bad_folder / "inside.png")
+    expected["circle/sub \\xe9t\\xe9"] = ("rejected", "folder name is not valid UTF-8")
+    os.mkfifo(root / "circle" / "pipe.jpg")
+    expected["circle/pipe.jpg"] = ("rejected", "not a regular file")
+
+    # Not image files by name, hidden, links to what is already there: ignored, with a reason.
+    put("circle/notes.txt", "ignored", "not an image file name", data=b"notes")
+    put("circle/.DS_Store", "ignored", "hidden file", data=b"\x00\x00\x00\x01Bud1")
+    put("square/Thumbs.db", "ignored", "operating-system", data=b"\xd0\xcf\x11\xe0")
+    put("square/.hidden.png", "ignored", "hidden file", image=base)
+    put("square/.thumbnails/t.png", "ignored", "", image=base)
+    del expected["square/.thumbnails/t.png"]
+    expected["square/.thumbnails"] = ("ignored", "hidden folder")
+    put("square/IMG_0001.heic", "ignored", "HEIC", data=b"\x00\x00\x00\x18ftypheic")
+    os.symlink("..", root / "circle" / "loop dir")  # a folder link back up: a loop
+    expected["circle/loop dir"] = ("ignored", "already scanned")
+    os.symlink(os.path.join("..", "circle", "circle_000.png"), root / "square" / "link to circle.png")
+    expected["square/link to circle.png"] = ("ignored", "same file as circle/circle_000.png")
+    put("README.md", "ignored", "directly in", data=b"# my photos\n")
+    put(".git/config", "ignored", "", data=b"[core]\n")
+    del expected[".git/config"]
+    expected[".git"] = ("ignored", "hidden folder")
+    return root, expected

@@ -14,7 +14,7 @@ from conftest import ROOT, make_images, tiny_params
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("prepare", "extract", "train_head", "finetune", "evaluate")
+STAGES = ("prepare", "extract", "train_head", "finetune", "evaluate", "export")
 
 
 def _dvc(cwd: Path, *args: str) -> str:
@@ -76,7 +76,7 @@ def test_head_param_change_reruns_only_downstream_of_extract(project):
     params["head"]["logreg"]["C"] = 0.5
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     out = _dvc(project, "repro")
-    assert _ran(out) == {"train_head", "finetune", "evaluate"}, out
+    assert _ran(out) == {"train_head", "finetune", "evaluate", "export"}, out
     diff = _dvc(project, "params", "diff")
     assert "head.logreg.C" in diff and "0.5" in diff
     assert "backbone" not in diff

@@ -1,0 +1,96 @@
+"""The serving export (stage ``export``), loaded in a fresh process that cannot import this project."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.images import load_image
+from pipeline.io_utils import sha256_file
+from pipeline.models import load_model
+from pipeline.prepare import read_manifest
+
+pytestmark = pytest.mark.slow
+
+# Runs with `python -I` in an empty folder: only TensorFlow, no `pipeline` package, no Keras model code.
+SERVE = r"""
+import json, sys
+import numpy as np
+import tensorflow as tf
+try:
+    import pipeline  # noqa: F401
+except ImportError:
+    pass
+else:
+    sys.exit("the project is importable here: this would not prove the export is self-contained")
+serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+result = {}
+for name in sys.argv[2:]:
+    out = serve(images=tf.constant(np.load(name)))
+    result[name] = {
+        "probabilities": out["probabilities"].numpy().tolist(),
+        "predicted_class": [s.decode() for s in out["predicted_class"].numpy()],
+        "class_names": [[s.decode() for s in row] for row in out["class_names"].numpy()],
+    }
+json.dump(result, sys.stdout)
+"""
+
+
+def _serve(export_dir: Path, work: Path, batches: dict[str, np.ndarray]) -> dict:
+    files = []
+    for name, x in batches.items():
+        np.save(work / f"{name}.npy", x)
+        files.append(f"{name}.npy")
+    proc = subprocess.run([sys.executable, "-I", "-c", SERVE, str(export_dir), *files], cwd=work,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    return {name: out[f"{name}.npy"] for name in batches}
+
+
+def test_export_serves_raw_pixels_like_the_keras_model(tiny_dvc_project: Path, tmp_path: Path):
+    proj = tiny_dvc_project
+    export_dir = proj / "models" / "serving"
+    meta = json.loads((proj / "models" / "serving.json").read_text())
+    model, model_meta = load_model(proj / "models" / "model.keras")
+    classes, size = model_meta["class_names"], model_meta["provenance"]["image_size"]
+    assert meta["class_names"] == classes and meta["image_size"] == size
+    assert meta["source_model_sha256"] == sha256_file(proj / "models" / "model.keras")
+
+    test = [it for it in read_manifest(proj / "data" / "prepared" / "manifest.csv") if it.split == "test"]
+    paths = [str(proj / "data" / "raw" / it.path) for it in test]
+    at_size = np.stack([load_image(p, size) for p in paths])  # what training fed the model, as uint8
+    # The files as a client has them: decoded at their own size (48 px here, the model takes 64).
+    native = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    assert native.shape[1:3] != (size, size)
+    out = _serve(export_dir, tmp_path, {"at_size": at_size, "native": native, "one": at_size[:1]})
+
+    keras_probs = np.asarray(model.predict_on_batch(at_size.astype(np.float32)))
+    served = np.asarray(out["at_size"]["probabilities"])
+    assert served.shape == (len(paths), len(classes))
+    # Images at the model's size: exactly the Keras model (same graph, same weights).
+    assert np.max(np.abs(served - keras_probs)) <= 1e-5
+    assert out["at_size"]["predicted_class"] == [classes[k] for k in keras_probs.argmax(1)]
+    assert out["at_size"]["class_names"] == [classes] * len(paths)
+    # A batch of one works too (and agrees up to oneDNN's batch-of-one rounding).
+    assert np.max(np.abs(np.asarray(out["one"]["probabilities"]) - keras_probs[:1])) <= 1e-4
+
+    # Other sizes are resized inside (tf.image.resize bilinear + antialias, rounded): close to
+    # Pillow's resize, not bit-identical, so probabilities agree closely but not exactly.
+    resized = np.asarray(out["native"]["probabilities"])
+    assert np.allclose(resized.sum(1), 1.0, atol=1e-5)
+    diff = float(np.max(np.abs(resized - keras_probs)))
+    print(f"\nnative-size input, resized inside the export: max |Δp| vs Pillow-resized input = {diff:.4f}")
+    assert diff < 0.1
+    assert np.mean(resized.argmax(1) == keras_probs.argmax(1)) >= 0.9
+
+
+def test_export_stage_refuses_the_feature_head(tiny_dvc_project: Path, tmp_path: Path):
+    from pipeline.export import run
+
+    with pytest.raises(ValueError, match="fine-tuned image model"):
+        run(tiny_dvc_project / "models" / "head.keras", tmp_path / "serving", tmp_path / "serving.json")
+    assert not (tmp_path / "serving").exists() and not (tmp_path / "serving.json").exists()
