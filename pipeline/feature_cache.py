@@ -29,7 +29,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from pipeline.io_utils import atomic_path, write_json
+from pipeline.io_utils import atomic_path, sha256_digest, write_json
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +39,10 @@ MAX_MAPPED_CHUNKS = 4
 CODE_MODULES = ("images.py", "backbones.py", "efficientnet_lite.py", "torch_legacy.py", "datasets.py")
 
 
-def file_digest(path: str | Path, chunk: int = 1 << 20) -> bytes:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.digest()
-
-
 def file_digests(paths: Sequence[str], workers: int = 4) -> list[bytes]:
     """sha256 of every file (hashlib releases the GIL on large buffers, so threads overlap I/O)."""
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(file_digest, paths, chunksize=64))
+        return list(pool.map(sha256_digest, paths, chunksize=64))
 
 
 def code_fingerprint() -> str:

@@ -77,12 +77,18 @@ def write_csv(path: str | Path, header: Sequence[str], rows: Sequence[Sequence[A
             writer.writerows(rows)
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+def sha256_digest(path: str | Path, chunk: int = 1 << 20) -> bytes:
+    """sha256 of a file's bytes, read in chunks (32 raw bytes)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
-    return h.hexdigest()
+    return h.digest()
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file's bytes as hex."""
+    return sha256_digest(path).hex()
 
 
 def library_versions() -> dict[str, str]:
