@@ -4,7 +4,7 @@ from __future__ import annotations
 import collections
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence, TypeVar
 
 import keras
 import numpy as np
@@ -12,6 +12,8 @@ import tensorflow as tf
 
 from pipeline.images import load_image
 from pipeline.params import AugmentParams
+
+T = TypeVar("T")
 
 
 def _decode_fn(size: int):
@@ -25,8 +27,7 @@ def _decode_fn(size: int):
 
 
 def image_dataset(paths: Sequence[str], size: int, batch_size: int, labels: Optional[Sequence[int]] = None,
-                  shuffle: bool = False, seed: int = 0,
-                  augment: Optional[keras.Model] = None) -> tf.data.Dataset:
+                  shuffle: bool = False, seed: int = 0) -> tf.data.Dataset:
     """Batches of ``(B, size, size, 3)`` float32 [0, 255] images (with int64 labels if given).
 
     Decoding runs in parallel with autotuned parallelism and the next batches are
@@ -42,15 +43,7 @@ def image_dataset(paths: Sequence[str], size: int, batch_size: int, labels: Opti
         ds = ds.map(lambda p, y: (decode(p), y), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     else:
         ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size)
-    if augment is not None:
-        if labels is None:
-            raise ValueError("augmentation is for training batches, which need labels")
-        # Sequential on purpose: the random layers draw from one stateful seed generator, and
-        # parallel calls would consume its draws in a nondeterministic order (measured: the
-        # same params gave fine-tuned log loss 0.2667 in one run, 0.2692 in another).
-        ds = ds.map(lambda x, y: (augment(x, training=True), y))
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def build_augmentation(params: AugmentParams, seed: int) -> Optional[keras.Model]:
@@ -68,26 +61,37 @@ def build_augmentation(params: AugmentParams, seed: int) -> Optional[keras.Model
     return keras.Sequential(layers, name="augment") if layers else None
 
 
-def prefetched_batches(paths: Sequence[str], size: int, batch_size: int, lookahead: int = 3,
-                       workers: Optional[int] = None) -> Iterator[np.ndarray]:
-    """``(B, size, size, 3)`` uint8 batches in order, decoded by a thread pool ``lookahead`` batches ahead.
+def decode_ahead(paths: Sequence[str], batch_size: int, fn: Callable[[str], T], lookahead: int = 3,
+                 workers: Optional[int] = None) -> Iterator[list[T]]:
+    """``[fn(path) for path in batch]`` for consecutive batches of ``paths``, in order.
 
-    Extract's input path. Measured on 2 cores with efficientnet_lite0 at 224 px (compute
-    ceiling 98 img/s): tf.data + numpy_function yielding float32 gave 62 img/s, yielding
-    uint8 89 img/s, this pool 96 img/s. uint8 batches are 4x less data to copy (the cast
-    happens inside the compiled model), and Pillow releases the GIL while it decodes.
+    A thread pool runs ``fn`` ``lookahead`` batches ahead of the consumer; Pillow releases the
+    GIL while it decodes, so decoding overlaps the model.
     """
     batches = [list(paths[i:i + batch_size]) for i in range(0, len(paths), batch_size)]
     with ThreadPoolExecutor(workers or os.cpu_count() or 2, thread_name_prefix="decode") as pool:
         pending: collections.deque = collections.deque()
         it = iter(batches)
         for batch in it:
-            pending.append([pool.submit(load_image, p, size) for p in batch])
+            pending.append([pool.submit(fn, p) for p in batch])
             if len(pending) > lookahead:
                 break
         while pending:
             futures = pending.popleft()
             nxt = next(it, None)
             if nxt is not None:
-                pending.append([pool.submit(load_image, p, size) for p in nxt])
-            yield np.stack([f.result() for f in futures])
+                pending.append([pool.submit(fn, p) for p in nxt])
+            yield [f.result() for f in futures]
+
+
+def prefetched_batches(paths: Sequence[str], size: int, batch_size: int, lookahead: int = 3,
+                       workers: Optional[int] = None) -> Iterator[np.ndarray]:
+    """``(B, size, size, 3)`` uint8 batches in order, decoded ``lookahead`` batches ahead.
+
+    Extract's input path. Measured on 2 cores with efficientnet_lite0 at 224 px (compute
+    ceiling 98 img/s): tf.data + numpy_function yielding float32 gave 62 img/s, yielding
+    uint8 89 img/s, this pool 96 img/s. uint8 batches are 4x less data to copy (the cast
+    happens inside the compiled model).
+    """
+    for images in decode_ahead(paths, batch_size, lambda p: load_image(p, size), lookahead, workers):
+        yield np.stack(images)

@@ -16,7 +16,6 @@ import argparse
 import logging
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -24,6 +23,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.datasets import decode_ahead
 from pipeline.images import IMAGE_EXTENSIONS, is_image_file, load_image
 from pipeline.io_utils import setup_logging, write_csv
 
@@ -80,17 +80,11 @@ def predict_paths(model, paths: Sequence[str], size: int, batch_size: int = 32,
     """Yield one :class:`Prediction` per path, in order.
 
     ``model`` maps ``(B, size, size, 3)`` float32 [0, 255] → ``(B, K)`` probabilities.
-    Decoding runs in a thread pool (Pillow releases the GIL) one batch ahead of the model.
+    Decoding runs ahead of the model in extract's thread pool (:func:`decode_ahead`).
     """
-    workers = min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as pool, \
-            tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, file=sys.stderr) as bar:
-        batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
-        pending = [pool.submit(_decode, p, size) for p in batches[0]] if batches else []
-        for bi, batch in enumerate(batches):
-            decoded = [f.result() for f in pending]
-            # Submit the next batch's decoding before running the model on this one.
-            pending = [pool.submit(_decode, p, size) for p in batches[bi + 1]] if bi + 1 < len(batches) else []
+    batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+    with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, file=sys.stderr) as bar:
+        for batch, decoded in zip(batches, decode_ahead(paths, batch_size, lambda p: _decode(p, size))):
             ok = [i for i, (img, _) in enumerate(decoded) if img is not None]
             probs = np.zeros((0, 0), np.float32)
             if ok:
