@@ -36,6 +36,7 @@ from pipeline import extract, prepare, train_head  # noqa: E402
 from pipeline.backbones import build_backbone, image_size  # noqa: E402
 from pipeline.datasets import image_dataset, prefetched_batches  # noqa: E402
 from pipeline.features import read_features  # noqa: E402
+from pipeline.manifest import SPLITS  # noqa: E402
 from pipeline.models import build_stacked  # noqa: E402
 from pipeline.params import parse_params  # noqa: E402
 
@@ -114,7 +115,8 @@ def peak_rss_mib(raw: Path, work: Path, batch_size: int) -> tuple[float, dict]:
     p["data"].update(raw_dir=str(raw), val_fraction=0.15, test_fraction=0.15)
     p["extract"]["batch_size"] = batch_size
     (work / "params.yaml").write_text(yaml.safe_dump(p))
-    prepare.run(raw, work / "manifest.csv", work / "classes.json", parse_params(p).data)
+    prepare.run(raw_dir=raw, manifest=work / "manifest.csv", classes_out=work / "classes.json",
+                params=parse_params(p).data)
     cmd = [sys.executable, "-m", "pipeline.extract", "--raw-dir", str(raw), "--manifest", "manifest.csv",
            "--classes", "classes.json", "--train", "train.h5", "--val", "val.h5", "--test", "test.h5",
            "--metrics", "m.json", "--cache-dir", "cache"]
@@ -158,7 +160,7 @@ def main() -> None:
         params = params_for(raw, args.batch_size)
         size = image_size(params.backbone)
         out = work / "run"
-        prepare.run(raw, out / "manifest.csv", out / "classes.json", params.data)
+        prepare.run(raw_dir=raw, manifest=out / "manifest.csv", classes_out=out / "classes.json", params=params.data)
         paths = [str(raw / r["path"]) for r in csv.DictReader(open(out / "manifest.csv"))]
         print(f"backbone {params.backbone.name} {size}px, batch {args.batch_size}, N={len(paths)}, "
               f"{os.cpu_count()} CPUs, TF {tf.__version__}", flush=True)
@@ -167,15 +169,15 @@ def main() -> None:
         print(f"(a) compute-only ceiling      {a:7.1f} img/s", flush=True)
         d = decode_only(paths, size, args.batch_size)
         print(f"    decode-only (thread pool)     {d:7.1f} img/s", flush=True)
-        outs = {s: out / f"{s}.h5" for s in prepare.SPLITS}
-        m = extract.run(raw, out / "manifest.csv", out / "classes.json", outs, params, out / "m.json",
-                        out / "cache")
+        outs = {s: out / f"{s}.h5" for s in SPLITS}
+        m = extract.run(raw_dir=raw, manifest=out / "manifest.csv", classes_json=out / "classes.json", outs=outs,
+                        params=params, metrics=out / "m.json", cache_dir=out / "cache")
         b = m["images_per_second"]
         print(f"(b) real extract path         {b:7.1f} img/s  (all of extract: {m['images'] / m['total_seconds']:.1f} "
               f"img/s incl. hashing + HDF5 writes, {m['total_seconds']}s)", flush=True)
         t = time.perf_counter()
-        m2 = extract.run(raw, out / "manifest.csv", out / "classes.json", outs, params, out / "m2.json",
-                         out / "cache")
+        m2 = extract.run(raw_dir=raw, manifest=out / "manifest.csv", classes_json=out / "classes.json", outs=outs,
+                         params=params, metrics=out / "m2.json", cache_dir=out / "cache")
         print(f"    rerun, all cached         {m2['images'] / (time.perf_counter() - t):7.1f} img/s "
               f"({m2['computed']} computed)", flush=True)
         c = seed_style(raw, params, len(paths))

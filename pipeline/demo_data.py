@@ -1,6 +1,7 @@
-"""Generate the synthetic demo image set (no one's photos ship with the project).
+"""Stage 0: generate the synthetic demo image set (no one's photos ship with the project).
 
-    python -m pipeline.demo_data --out data/demo [--per-class 100] [--size 160] [--seed 0]
+The ``demo`` stage of dvc.yaml writes it to ``data/demo``, the default ``data.raw_dir``, so
+``dvc repro`` on a fresh clone runs offline with the default params.
 
 Four classes, one sub-folder each: circle, square, triangle (filled shapes) and stripes (a
 striped patch), with random colours, sizes, positions, rotations, gradient backgrounds and
@@ -13,15 +14,17 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.io_utils import setup_logging
+from pipeline.io_utils import PipelineError, atomic_dir, setup_logging, user_errors
 
 log = logging.getLogger(__name__)
+
+# The params this stage reads (none: its options are fixed in dvc.yaml's command), as in dvc.yaml.
+PARAMS: tuple[str, ...] = ()
 
 CLASSES = ("circle", "square", "triangle", "stripes")
 MARKER = ".demo-dataset"
@@ -49,7 +52,8 @@ def _contrasting_colour(rng: np.random.Generator, bg: Image.Image) -> tuple[int,
 
 
 def _polygon(cx: float, cy: float, r: float, n: int, rot: float) -> list[tuple[float, float]]:
-    return [(cx + r * math.cos(rot + 2 * math.pi * k / n), cy + r * math.sin(rot + 2 * math.pi * k / n)) for k in range(n)]
+    angles = [rot + 2 * math.pi * k / n for k in range(n)]
+    return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in angles]
 
 
 def render(label: str, rng: np.random.Generator, size: int) -> Image.Image:
@@ -89,26 +93,21 @@ def render(label: str, rng: np.random.Generator, size: int) -> Image.Image:
     return Image.fromarray(arr, "RGB")
 
 
-def generate(out: Path, per_class: int = 100, size: int = 160, seed: int = 0) -> Path:
+def run(*, out: Path, per_class: int = 100, size: int = 160, seed: int = 0) -> Path:
     """Write ``out/<class>/<class>_NNN.jpg``; refuses to touch a folder it did not create."""
     out = Path(out)
     if out.exists() and not (out / MARKER).is_file():
-        raise FileExistsError(
+        raise PipelineError(
             f"{out} exists and is not a generated demo folder (no {MARKER}); refusing to overwrite it. "
             "Pick another --out or remove the folder yourself."
         )
-    tmp = out.parent / f".{out.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    for ci, label in enumerate(CLASSES):
-        (tmp / label).mkdir(parents=True)
-        for i in range(per_class):
-            rng = np.random.default_rng([seed, ci, i])
-            render(label, rng, size).save(tmp / label / f"{label}_{i:03d}.jpg", quality=90)
-    (tmp / MARKER).write_text(f"per_class={per_class} size={size} seed={seed}\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        for ci, label in enumerate(CLASSES):
+            (tmp / label).mkdir()
+            for i in range(per_class):
+                rng = np.random.default_rng([seed, ci, i])
+                render(label, rng, size).save(tmp / label / f"{label}_{i:03d}.jpg", quality=90)
+        (tmp / MARKER).write_text(f"per_class={per_class} size={size} seed={seed}\n")
     log.info("wrote %d demo images (%d classes) to %s", per_class * len(CLASSES), len(CLASSES), out)
     return out
 
@@ -121,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     setup_logging()
-    generate(args.out, args.per_class, args.size, args.seed)
+    with user_errors():
+        run(out=args.out, per_class=args.per_class, size=args.size, seed=args.seed)
 
 
 if __name__ == "__main__":

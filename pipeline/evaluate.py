@@ -1,9 +1,5 @@
 """Stage 5: test-set metrics and plots for the head-only and the fine-tuned model.
 
-    python -m pipeline.evaluate --raw-dir data/demo --classes data/prepared/classes.json \
-        --test-features features/test.h5 --head models/head.keras --model models/model.keras \
-        --metrics reports/metrics.json --plots-dir reports/plots --mistakes reports/mistakes.png
-
 The head-only model is scored on the cached test features: by the stacking parity that
 finetune asserts, that is exactly the stacked head-only model's output, at a fraction of
 the cost. The fine-tuned model is scored on the test images themselves.
@@ -16,19 +12,27 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from sklearn.metrics import (accuracy_score, confusion_matrix, log_loss, precision_recall_fscore_support,
-                             roc_auc_score, roc_curve)
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    log_loss,
+    precision_recall_fscore_support,
+    roc_auc_score,
+    roc_curve,
+)
 
-from pipeline.backbones import image_size
-from pipeline.datasets import image_dataset
-from pipeline.extract import feature_provenance
+from pipeline.backbones import feature_provenance, image_size
 from pipeline.features import read_features
 from pipeline.images import load_image
-from pipeline.io_utils import atomic_path, read_json, setup_logging, write_csv, write_json
+from pipeline.inference import compile_uint8, predict_all
+from pipeline.io_utils import atomic_path, read_json, setup_logging, user_errors, write_csv, write_json
 from pipeline.models import load_model
 from pipeline.params import Params, load_params
 
 log = logging.getLogger(__name__)
+
+# The params this stage reads: exactly its `params:` in dvc.yaml (a test checks both agree).
+PARAMS = ("backbone", "evaluate")
 
 MODELS = ("head", "finetuned")
 
@@ -89,13 +93,14 @@ def mistakes_gallery(out: Path, paths: list[str], y: np.ndarray, probs: np.ndarr
         x, yy = (k % cols) * thumb, (k // cols) * (thumb + caption)
         sheet.paste(Image.fromarray(load_image(paths[i], thumb)), (x, yy))
         draw.text((x + 4, yy + thumb + 2), f"true: {classes[y[i]]}", fill="black", font=font)
-        draw.text((x + 4, yy + thumb + 17), f"pred: {classes[pred[i]]} ({probs[i, pred[i]]:.2f})", fill="red", font=font)
+        draw.text((x + 4, yy + thumb + 17), f"pred: {classes[pred[i]]} ({probs[i, pred[i]]:.2f})", fill="red",
+                  font=font)
     with atomic_path(out) as tmp:
         sheet.save(tmp, format="PNG")
     return len(wrong)
 
 
-def run(raw_dir: Path, classes_json: Path, test_features: Path, head_path: Path, model_path: Path,
+def run(*, raw_dir: Path, classes_json: Path, test_features: Path, head_path: Path, model_path: Path,
         metrics_out: Path, per_class_out: Path, plots_dir: Path, mistakes_out: Path, params: Params) -> dict:
     """Score both models on the test split; write metrics, per-class report, plot data and mistakes.
 
@@ -104,7 +109,7 @@ def run(raw_dir: Path, classes_json: Path, test_features: Path, head_path: Path,
     Returns both merged.
     """
     classes = read_json(classes_json)["classes"]
-    expected = feature_provenance(params, classes)
+    expected = feature_provenance(params.backbone, classes)
     test = read_features(test_features, expected)
     head, _ = load_model(head_path, expected)
     model, _ = load_model(model_path, expected)
@@ -112,7 +117,8 @@ def run(raw_dir: Path, classes_json: Path, test_features: Path, head_path: Path,
     paths = [str(raw_dir / q) for q in test.paths]
     probs = {
         "head": head.predict(test.features, batch_size=1024, verbose=0),
-        "finetuned": model.predict(image_dataset(paths, size, params.extract.batch_size), verbose=0),
+        "finetuned": predict_all(compile_uint8(model, size), paths, size, params.evaluate.batch_size,
+                                 desc="evaluate"),
     }
     y = test.labels
     report = {name: classification_metrics(y, probs[name], classes) for name in MODELS}
@@ -144,9 +150,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
     setup_logging()
-    params = load_params(args.params)
-    run(args.raw_dir, args.classes, args.test_features, args.head, args.model, args.metrics, args.per_class,
-        args.plots_dir, args.mistakes, params)
+    with user_errors():
+        params = load_params(args.params, "evaluate", PARAMS)
+        run(raw_dir=args.raw_dir, classes_json=args.classes, test_features=args.test_features, head_path=args.head,
+            model_path=args.model, metrics_out=args.metrics, per_class_out=args.per_class,
+            plots_dir=args.plots_dir, mistakes_out=args.mistakes, params=params)
 
 
 if __name__ == "__main__":

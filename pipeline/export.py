@@ -1,7 +1,5 @@
 """Stage 6: export the fine-tuned model as a TensorFlow SavedModel for serving.
 
-    python -m pipeline.export --model models/model.keras --out models/serving --meta models/serving.json
-
 The SavedModel takes what a client has: a batch of raw RGB pixels, ``uint8``
 ``(B, H, W, 3)``, any H and W (one size per batch). Resizing, the backbone's preprocessing
 and the class names are inside it, so it needs neither this project nor Keras to run
@@ -24,16 +22,25 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.io_utils import library_versions, setup_logging, sha256_file, write_json
+from pipeline.io_utils import (
+    PipelineError,
+    atomic_dir,
+    library_versions,
+    setup_logging,
+    sha256_file,
+    user_errors,
+    write_json,
+)
 from pipeline.models import load_model
 
 log = logging.getLogger(__name__)
+
+# The params this stage reads (none: the model's sidecar says everything), as in dvc.yaml.
+PARAMS: tuple[str, ...] = ()
 
 # Max |Δp| allowed between the reloaded export and the Keras model on the same pixels.
 EXPORT_TOLERANCE = 1e-5
@@ -70,7 +77,8 @@ def build_archive(model, class_names: list[str], size: int):
 
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint("serve", serve, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+    archive.add_endpoint("serve", serve,
+                         input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
     return archive
 
 
@@ -89,31 +97,17 @@ def check_export(path: Path, model, size: int, seed: int = 0) -> float:
     return diff
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` folder to ``out`` (replacing it), so ``out`` is never half-written."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def run(model_path: Path, out_dir: Path, meta_out: Path) -> dict:
+def run(*, model_path: Path, out_dir: Path, meta_out: Path) -> dict:
     """Export ``model_path`` (+ its sidecar) to the SavedModel ``out_dir``; returns the metadata written."""
     model, meta = load_model(model_path)
     if meta.get("kind") != "finetuned":
-        raise ValueError(f"{model_path} is a {meta.get('kind')!r} model; export needs the fine-tuned image model")
+        raise PipelineError(f"{model_path} is a {meta.get('kind')!r} model; export needs the fine-tuned image model")
     class_names = list(meta["class_names"])
     size = int(meta["provenance"]["image_size"])
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out_dir) as tmp:
+        tmp.rmdir()  # write_out creates the folder itself
         build_archive(model, class_names, size).write_out(str(tmp), verbose=False)
         diff = check_export(tmp, model, size)
-        _replace_dir(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported %s → %s (max |Δp| vs Keras on reload: %.1e)", model_path, out_dir, diff)
     info = {
         "kind": "serving", "format": "tensorflow-saved-model", "signature": "serving_default",
@@ -135,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--meta", type=Path, required=True, help="JSON describing the export (signature, classes)")
     args = ap.parse_args(argv)
     setup_logging()
-    run(args.model, args.out, args.meta)
+    with user_errors():
+        run(model_path=args.model, out_dir=args.out, meta_out=args.meta)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,12 @@
 """Stage 2: run the frozen backbone once over every image → cached features in HDF5.
 
-    python -m pipeline.extract --raw-dir data/demo --manifest data/prepared/manifest.csv \
-        --classes data/prepared/classes.json --train features/train.h5 --val features/val.h5 \
-        --test features/test.h5 --metrics reports/extract_metrics.json --cache-dir .cache/features
-
 Only images whose features are not in the content-addressed cache are computed (see
 :mod:`pipeline.feature_cache`): adding 10 images to 2,000 computes 10, and a killed run
-resumes from its last committed chunk. Images are decoded by a thread pool a few batches
-ahead of the model (uint8; measured faster than a tf.data map here, see
-:func:`pipeline.datasets.prefetched_batches`); the model is called directly in a compiled
-function that takes uint8 and casts inside. Computed features go
-to the cache in chunks and the split files are streamed out of it, so memory stays
-bounded whatever the dataset size. On a GPU: mixed-precision inference (features stored
-float32) and ``extract.gpu_batch_size``.
+resumes from its last committed chunk. Images go through :mod:`pipeline.inference` (decode
+pool a few batches ahead, uint8 into one compiled function). Computed features go to the
+cache in chunks and the split files are streamed out of it, so memory stays bounded
+whatever the dataset size. On a GPU: mixed-precision inference (features stored float32)
+and ``extract.gpu_batch_size``.
 """
 from __future__ import annotations
 
@@ -27,27 +21,24 @@ import h5py
 import keras
 import numpy as np
 import tensorflow as tf
-from tqdm import tqdm
 
-from pipeline.backbones import backbone_provenance, build_backbone, image_size
-from pipeline.datasets import prefetched_batches
+from pipeline.backbones import build_backbone, feature_provenance, image_size
 from pipeline.feature_cache import FeatureCache, file_digests, model_key
 from pipeline.features import create_feature_file
-from pipeline.io_utils import library_versions, read_json, setup_logging, write_json, atomic_path
+from pipeline.inference import batched_outputs, compile_uint8
+from pipeline.io_utils import atomic_path, library_versions, read_json, setup_logging, user_errors, write_json
+from pipeline.manifest import SPLITS, read_manifest
 from pipeline.params import Params, load_params
-from pipeline.prepare import SPLITS, read_manifest
 
 log = logging.getLogger(__name__)
+
+# The params this stage reads: exactly its `params:` in dvc.yaml (a test checks both agree).
+PARAMS = ("backbone", "extract")
 
 # Features are committed to the cache every this many images: what a kill -9 can lose.
 CHUNK_IMAGES = 256
 # Rows copied from the cache into a split file at a time (bounded memory).
 WRITE_BLOCK = 1024
-
-
-def feature_provenance(params: Params, classes: list[str]) -> dict:
-    """The attrs every feature file carries, and that train_head/finetune check."""
-    return {**backbone_provenance(params.backbone), "class_names": classes}
 
 
 def compute_missing(backbone: keras.Model, cache: FeatureCache, paths: list[str], digests: list[bytes],
@@ -59,35 +50,21 @@ def compute_missing(backbone: keras.Model, cache: FeatureCache, paths: list[str]
             todo[digest] = path
     if not todo:
         return 0, 0.0
-    # One trace for every batch size (the batch dimension is left open), done before the
-    # clock starts: tracing is a one-off cost of seconds, not throughput.
-    infer = tf.function(lambda x: tf.cast(backbone(tf.cast(x, tf.float32), training=False), tf.float32),
-                        input_signature=[tf.TensorSpec((None, size, size, 3), tf.uint8)])
-    t_trace = time.perf_counter()
-    infer(tf.zeros((2, size, size, 3), tf.uint8))
-    log.info("model traced in %.1fs", time.perf_counter() - t_trace)
+    infer = compile_uint8(backbone, size)  # traced before the clock starts: a one-off, not throughput
     todo_digests, todo_paths = list(todo), list(todo.values())
     pending_d: list[bytes] = []
     pending_f: list[np.ndarray] = []
     done = 0
     t0 = time.perf_counter()
-    with tqdm(total=len(todo_paths), desc="extract", unit="img") as bar:
-        for batch in prefetched_batches(todo_paths, size, batch_size):
-            n = int(batch.shape[0])
-            if n == 1:
-                # oneDNN takes another code path for a batch of one (features differ in the
-                # last bits); every batch size >= 2 gives bit-identical per-image features,
-                # which is what makes resumed and incremental runs equal a fresh run.
-                batch = np.concatenate([batch, batch])
-            feats = infer(batch).numpy()[:n]
-            pending_d.extend(todo_digests[done:done + n])
-            pending_f.append(feats)
-            done += n
-            bar.update(n)
-            if len(pending_d) >= CHUNK_IMAGES:
-                cache.add_chunk(pending_d, np.concatenate(pending_f))
-                pending_d, pending_f = [], []
-        cache.add_chunk(pending_d, np.concatenate(pending_f) if pending_f else np.zeros((0, cache.dim)))
+    for feats, _ in batched_outputs(infer, todo_paths, size, batch_size, desc="extract"):
+        n = len(feats)
+        pending_d.extend(todo_digests[done:done + n])
+        pending_f.append(feats)
+        done += n
+        if len(pending_d) >= CHUNK_IMAGES:
+            cache.add_chunk(pending_d, np.concatenate(pending_f))
+            pending_d, pending_f = [], []
+    cache.add_chunk(pending_d, np.concatenate(pending_f) if pending_f else np.zeros((0, cache.dim)))
     if done != len(todo_paths):
         raise RuntimeError(f"extracted {done} of {len(todo_paths)} images")
     return done, time.perf_counter() - t0
@@ -106,26 +83,26 @@ def write_split(out: Path, cache: FeatureCache, digests: list[bytes], labels: li
             h5.attrs["complete"] = True
 
 
-def run(raw_dir: Path, manifest: Path, classes_json: Path, outs: dict[str, Path], params: Params,
+def run(*, raw_dir: Path, manifest: Path, classes_json: Path, outs: dict[str, Path], params: Params,
         metrics: Optional[Path] = None, cache_dir: Optional[Path] = None) -> dict:
     """Extract features for each split in ``outs``; returns the metrics dict.
 
     ``cache_dir`` None: a throw-away cache for this call only (same code path, no reuse).
     """
-    items = [it for it in read_manifest(manifest) if it.split in outs]
+    items = read_manifest(manifest, splits=tuple(outs))
     classes = read_json(classes_json)["classes"]
     index = {c: i for i, c in enumerate(classes)}
     size = image_size(params.backbone)
     gpus = tf.config.list_physical_devices("GPU")
     batch_size = params.extract.gpu_batch_size if gpus else params.extract.batch_size
     if gpus:
-        # Tensor cores: half-precision compute, float32 outputs (the infer fn casts back).
+        # Tensor cores: half-precision compute, float32 outputs (the compiled function casts back).
         keras.mixed_precision.set_global_policy("mixed_float16")
     log.info("backbone %s at %dpx on %s, batch %d", params.backbone.name, size, "GPU" if gpus else "CPU", batch_size)
     backbone = build_backbone(params.backbone)
     dim = int(backbone.output_shape[-1])
     versions = library_versions()
-    prov = feature_provenance(params, classes)
+    prov = feature_provenance(params.backbone, classes)
     precision = "mixed_float16" if gpus else "float32"
     key, desc = model_key({**prov, "preprocessing": f"{prov['preprocessing']};{precision}"}, versions)
     attrs = {**prov, **versions, "feature_dim": dim, "precision": precision, "cache_key": key}
@@ -169,9 +146,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
     setup_logging()
-    params = load_params(args.params)
-    run(args.raw_dir, args.manifest, args.classes, {s: getattr(args, s) for s in SPLITS}, params, args.metrics,
-        args.cache_dir)
+    with user_errors():
+        params = load_params(args.params, "extract", PARAMS)
+        run(raw_dir=args.raw_dir, manifest=args.manifest, classes_json=args.classes,
+            outs={s: getattr(args, s) for s in SPLITS}, params=params, metrics=args.metrics,
+            cache_dir=args.cache_dir)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ fresh computation would produce, and ``extract`` stays a pure function of its de
 deps and params. Deleting the folder only costs time.
 
 Key = sha256 of the image file's bytes, inside a namespace (one sub-folder) per *model
-key* = hash of backbone, weights sha256, image size, pooling, preprocessing, TensorFlow /
-Keras versions and the source of the modules that decode images and build the backbone.
+key* = hash of backbone, weights sha256, image size, pooling, preprocessing, precision,
+TensorFlow / Keras versions and the source of every module that decodes images, builds
+the backbone or runs it (:func:`feature_code_files`, derived from the imports).
 
 Layout: ``<cache_dir>/<model_key>/meta.json`` and chunks ``<n>.feats.npy`` (M, D) float32 +
 ``<n>.keys.npy`` (M, 32) uint8 digests. A chunk is committed when its keys file appears
@@ -21,22 +22,24 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from collections import OrderedDict
-
 import numpy as np
 
+from pipeline.imports import import_closure
 from pipeline.io_utils import atomic_path, sha256_digest, write_json
 
 log = logging.getLogger(__name__)
 
 DIGEST_BYTES = 32
 MAX_MAPPED_CHUNKS = 4
-# Source files whose code decides the feature values: a change invalidates the cache.
-CODE_MODULES = ("images.py", "backbones.py", "efficientnet_lite.py", "torch_legacy.py", "datasets.py")
+# The modules whose code decides the feature values: the backbone builder and the image →
+# output path, with everything they import (derived, never listed by hand). An edit to any of
+# them invalidates the cache.
+FEATURE_CODE = ("pipeline.backbones", "pipeline.inference")
 
 
 def file_digests(paths: Sequence[str], workers: int = 4) -> list[bytes]:
@@ -45,12 +48,18 @@ def file_digests(paths: Sequence[str], workers: int = 4) -> list[bytes]:
         return list(pool.map(sha256_digest, paths, chunksize=64))
 
 
-def code_fingerprint() -> str:
-    here = Path(__file__).resolve().parent
+def feature_code_files() -> list[str]:
+    """Source files (relative to the project root) that decide the feature values."""
+    return import_closure(*FEATURE_CODE)
+
+
+def code_fingerprint(root: Path | None = None) -> str:
+    """sha256 over the names and bytes of :func:`feature_code_files`, read below ``root`` (the project)."""
+    root = root or Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
-    for name in CODE_MODULES:
+    for name in feature_code_files():
         h.update(name.encode())
-        h.update((here / name).read_bytes())
+        h.update((root / name).read_bytes())
     return h.hexdigest()
 
 

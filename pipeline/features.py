@@ -14,11 +14,13 @@ from typing import Sequence
 import h5py
 import numpy as np
 
+from pipeline.io_utils import PipelineError
+
 # Provenance keys that must match between features and the current params/classes.
 CHECKED_KEYS = ("backbone", "weights_id", "weights_sha256", "image_size", "pooling", "preprocessing", "class_names")
 
 
-class ProvenanceError(ValueError):
+class ProvenanceError(PipelineError):
     """An artifact was produced with other settings than the current params."""
 
 

@@ -1,10 +1,5 @@
 """Stage 4: stack backbone + trained head, unfreeze the top blocks, train at a low learning rate.
 
-    python -m pipeline.finetune --raw-dir data/demo --manifest data/prepared/manifest.csv \
-        --classes data/prepared/classes.json --val-features features/val.h5 --head models/head.keras \
-        --model models/model.keras --history reports/finetune_history.csv \
-        --metrics reports/finetune_metrics.json
-
 Starting from the trained head is the point: a randomly initialised head sends large
 gradients into the pretrained blocks and wrecks them in the first steps. Before any
 training the stacking parity is asserted: on val images, stacked-model probabilities must
@@ -26,25 +21,32 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from pipeline.backbones import build_backbone, count_params, get_base, image_size, unfreeze_from
+from pipeline.backbones import (
+    build_backbone,
+    count_params,
+    feature_provenance,
+    get_base,
+    image_size,
+    unfreeze_from,
+    unfreeze_start,
+)
 from pipeline.datasets import image_dataset
-from pipeline.extract import feature_provenance
-from pipeline.features import read_features
+from pipeline.features import FeatureSet, read_features
 from pipeline.images import load_batch
-from pipeline.io_utils import library_versions, read_json, setup_logging, write_csv, write_json
-from pipeline.models import build_stacked, load_model, save_model
-from pipeline.params import Params, as_dict, load_params
-from pipeline.prepare import read_manifest
-from pipeline.resume import TrainState, Tracker, finish, fingerprint, restore_checkpoint, training_stream
-from pipeline.train_head import class_weights
+from pipeline.io_utils import library_versions, read_json, setup_logging, user_errors, write_json
+from pipeline.manifest import Item, read_manifest
+from pipeline.models import build_stacked, class_weights, load_model, save_model, write_history
+from pipeline.params import FinetuneParams, Params, as_dict, load_params
+from pipeline.resume import Tracker, TrainState, fingerprint, finish, restore_checkpoint, training_stream
 
 log = logging.getLogger(__name__)
 
+# The params this stage reads: exactly its `params:` in dvc.yaml (a test checks both agree).
+PARAMS = ("seed", "backbone", "finetune")
+
 PARITY_SAMPLES = 32
 PARITY_TOLERANCE = 1e-4
-HISTORY_HEADER = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
 
 
 class ParityError(RuntimeError):
@@ -107,7 +109,47 @@ def log_history(live, rows: list) -> None:
         live.next_step()
 
 
-def run(raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path, head_path: Path,
+def _parity_on_val(stacked: keras.Model, head: keras.Model, raw_dir: Path, val: FeatureSet, size: int) -> float:
+    """:func:`check_parity` on the first val images and their cached features."""
+    n = min(PARITY_SAMPLES, len(val.paths))
+    images = load_batch([str(raw_dir / q) for q in val.paths[:n]], size).astype(np.float32)
+    diff = check_parity(stacked, head, images, val.features[:n])
+    log.info("stacking parity on %d val images: max |Δp| = %.2e", n, diff)
+    return diff
+
+
+def _compile(model: keras.Model, p: FinetuneParams) -> None:
+    model.compile(optimizer=keras.optimizers.SGD(p.learning_rate, momentum=p.momentum),
+                  loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+
+
+def _train(stacked: keras.Model, state: TrainState, params: Params, raw_dir: Path, train: list[Item],
+           labels: list[int], n_classes: int, val_ds, fp: str, checkpoint: Path | None,
+           live) -> tuple[TrainState, bool]:
+    """Resume from ``checkpoint`` when it belongs to this run, then fit the remaining epochs.
+
+    Returns the final state (history, best epoch and its weights) and whether ``fit`` ran.
+    """
+    p = params.finetune
+    size = int(stacked.input_shape[1])
+    if checkpoint is not None and p.resume:
+        restored = restore_checkpoint(checkpoint, fp, stacked, state.best_weights, p.epochs)
+        if restored is not None:
+            state = restored
+            log.info("resuming from %s after epoch %d (finetune.resume)", checkpoint, state.epoch)
+            log_history(live, state.rows[1:])
+    if state.epoch >= p.epochs or state.stopped:
+        return state, False
+    train_ds, steps = training_stream([str(raw_dir / it.path) for it in train], labels, size, p.batch_size,
+                                      p.augment, params.seed, state.epoch, p.epochs)
+    stacked.fit(train_ds, steps_per_epoch=steps, validation_data=val_ds, initial_epoch=state.epoch,
+                epochs=p.epochs, verbose=2, shuffle=False,  # each epoch's stream is already shuffled
+                class_weight=class_weights(np.asarray(labels), n_classes, p.class_weight),
+                callbacks=[Tracker(state, p.patience, checkpoint, fp), *live_callbacks(live)])
+    return state, True
+
+
+def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path, head_path: Path,
         model_out: Path, history_out: Path, metrics_out: Path, params: Params,
         live_dir: Path | None = None, checkpoint: Path | None = None) -> dict:
     """Fine-tune and save ``model_out``; returns the metrics written to ``metrics_out``.
@@ -119,81 +161,59 @@ def run(raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path, h
     t0 = time.perf_counter()
     p = params.finetune
     classes = read_json(classes_json)["classes"]
-    expected = feature_provenance(params, classes)
+    index = {c: i for i, c in enumerate(classes)}
+    expected = feature_provenance(params.backbone, classes)
     head, head_meta = load_model(head_path, expected)
     val_fs = read_features(val_features, expected)
     backbone = build_backbone(params.backbone)
     keras.utils.set_random_seed(params.seed)
     base = get_base(backbone)
-    if p.epochs > 0:  # validate the layer name before any expensive work
-        unfreeze_from(base, p.unfreeze_from, params.backbone.name)
-        base.trainable = False
+    if p.epochs > 0:  # a bad layer name fails here, before any expensive work
+        unfreeze_start(base, p.unfreeze_from, params.backbone.name)
     stacked = build_stacked(backbone, head)
     size = image_size(params.backbone)
+    parity = _parity_on_val(stacked, head, raw_dir, val_fs, size)
 
-    n_par = min(PARITY_SAMPLES, len(val_fs.paths))
-    parity = check_parity(stacked, head, load_batch([str(raw_dir / q) for q in val_fs.paths[:n_par]], size)
-                          .astype(np.float32), val_fs.features[:n_par])
-    log.info("stacking parity on %d val images: max |Δp| = %.2e", n_par, parity)
-
-    items = read_manifest(manifest)
-    index = {c: i for i, c in enumerate(classes)}
-    train = [it for it in items if it.split == "train"]
-    val = [it for it in items if it.split == "val"]
+    train = read_manifest(manifest, splits=("train",))
+    val = read_manifest(manifest, splits=("val",))
     val_ds = image_dataset([str(raw_dir / it.path) for it in val], size, p.batch_size,
                            labels=[index[it.label] for it in val])
-
-    loss = keras.losses.SparseCategoricalCrossentropy()
-    stacked.compile(optimizer=keras.optimizers.SGD(p.learning_rate, momentum=p.momentum), loss=loss,
-                    metrics=["accuracy"])
+    if p.epochs > 0:
+        n_trainable = unfreeze_from(base, p.unfreeze_from, params.backbone.name)
+        log.info("unfrozen from %s: %d trainable tensors, %d trainable params", p.unfreeze_from, n_trainable,
+                 count_params(stacked.trainable_weights))
+    # Compiled once, after the trainable set is final, so the optimizer sees exactly what trains;
+    # evaluating the head-only model (epoch 0) does not depend on which weights are trainable.
+    _compile(stacked, p)
     init_loss, init_acc = stacked.evaluate(val_ds, verbose=0)
     # Epoch 0 = the head-only model; it has no training loss, so those cells stay empty.
-    state = TrainState(epoch=0, rows=[[0, "", "", float(init_loss), float(init_acc)]], best_loss=float(init_loss))
+    state = TrainState(epoch=0, rows=[[0, "", "", float(init_loss), float(init_acc)]], best_loss=float(init_loss),
+                       best_weights=stacked.get_weights())
     live = start_live(live_dir, init_loss, init_acc) if live_dir is not None else None
     fitted = False
     if p.epochs > 0:
-        n_trainable = unfreeze_from(base, p.unfreeze_from, params.backbone.name)
-        # Trainability changed: recompile so the optimizer sees the new trainable set.
-        stacked.compile(optimizer=keras.optimizers.SGD(p.learning_rate, momentum=p.momentum), loss=loss,
-                        metrics=["accuracy"])
-        log.info("unfrozen from %s: %d trainable tensors, %d trainable params", p.unfreeze_from, n_trainable,
-                 count_params(stacked.trainable_weights))
-        state.best_weights = stacked.get_weights()
         fp = fingerprint(params, expected, head_path, raw_dir, [(it.path, it.label, it.split) for it in train + val]) \
             if checkpoint is not None else ""
-        if checkpoint is not None and p.resume:
-            restored = restore_checkpoint(checkpoint, fp, stacked, state.best_weights, p.epochs)
-            if restored is not None:
-                state = restored
-                log.info("resuming from %s after epoch %d (finetune.resume)", checkpoint, state.epoch)
-                log_history(live, state.rows[1:])
-        if state.epoch < p.epochs and not state.stopped:
-            train_labels = [index[it.label] for it in train]
-            train_ds, steps = training_stream([str(raw_dir / it.path) for it in train], train_labels, size,
-                                              p.batch_size, p.augment, params.seed, state.epoch, p.epochs)
-            stacked.fit(train_ds, steps_per_epoch=steps, validation_data=val_ds, initial_epoch=state.epoch,
-                        epochs=p.epochs, verbose=2, shuffle=False,  # each epoch's stream is already shuffled
-                        class_weight=class_weights(np.asarray(train_labels), len(classes), p.class_weight),
-                        callbacks=[Tracker(state, p.patience, checkpoint, fp), *live_callbacks(live)])
-            fitted = True
+        state, fitted = _train(stacked, state, params, raw_dir, train, [index[it.label] for it in train], len(classes),
+                        val_ds, fp, checkpoint, live)
         finish(stacked, state)
     if live is not None and not fitted:
         live.end()  # no fit, so no DVCLiveCallback to end the run
-    rows, best_epoch, best_loss = state.rows, state.best_epoch, state.best_loss
     # The saved model is for inference: everything frozen again, as a loaded model would be used.
     base.trainable = False
-    best_acc = next(r[4] for r in rows if r[0] == best_epoch)
-    metrics = {"best_epoch": best_epoch, "val_loss": float(best_loss), "val_accuracy": float(best_acc),
+    best_acc = next(r[4] for r in state.rows if r[0] == state.best_epoch)
+    metrics = {"best_epoch": state.best_epoch, "val_loss": float(state.best_loss), "val_accuracy": float(best_acc),
                "head_only_val_loss": float(init_loss), "head_only_val_accuracy": float(init_acc),
                "parity_max_abs_diff": parity, "seconds": round(time.perf_counter() - t0, 1)}
     save_model(stacked, model_out, {
         "kind": "finetuned", "class_names": classes, "provenance": expected, "head_type": head_meta["head_type"],
-        "finetune_params": as_dict(p), "seed": params.seed, "best_epoch": best_epoch,
+        "finetune_params": as_dict(p), "seed": params.seed, "best_epoch": state.best_epoch,
         "versions": library_versions(),
     })
-    write_csv(history_out, HISTORY_HEADER, rows)
+    write_history(history_out, state.rows)
     write_json(metrics_out, metrics)
-    log.info("fine-tuned: val acc %.4f → %.4f (epoch %d), %.0fs", init_acc, best_acc, best_epoch, metrics["seconds"])
+    log.info("fine-tuned: val acc %.4f → %.4f (epoch %d), %.0fs", init_acc, best_acc, state.best_epoch,
+             metrics["seconds"])
     return metrics
 
 
@@ -207,9 +227,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
     setup_logging()
-    params = load_params(args.params)
-    run(args.raw_dir, args.manifest, args.classes, args.val_features, args.head, args.model, args.history,
-        args.metrics, params, live_dir=args.live_dir, checkpoint=args.checkpoint)
+    with user_errors():
+        params = load_params(args.params, "finetune", PARAMS)
+        run(raw_dir=args.raw_dir, manifest=args.manifest, classes_json=args.classes, val_features=args.val_features,
+            head_path=args.head, model_out=args.model, history_out=args.history, metrics_out=args.metrics,
+            params=params, live_dir=args.live_dir, checkpoint=args.checkpoint)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from pipeline.io_utils import PipelineError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 # Resampling filter for the resize to the backbone's input size. Pillow's bilinear filter
@@ -34,7 +36,7 @@ Image.MAX_IMAGE_PIXELS = None
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(PipelineError):
     """A file that cannot be used as an image; ``reason`` says why, without the path."""
 
     def __init__(self, path: str, reason: str):

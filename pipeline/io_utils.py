@@ -12,9 +12,18 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
+
+
+class PipelineError(ValueError):
+    """A problem with the user's inputs, params or artifacts; the message says what to do.
+
+    A stage's ``main()`` reports it as one line (see :func:`user_errors`), not a traceback.
+    """
+
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -24,6 +33,18 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
     # TensorFlow's C++ and absl chatter drowns the stage logs in DVC's output.
     logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """In a stage's ``main()``: a :class:`PipelineError` or a missing input becomes one ``error:`` line
+    on stderr and exit status 1 (DVC shows it under the stage's name); anything else is a bug
+    and keeps its traceback."""
+    try:
+        yield
+    except (PipelineError, FileNotFoundError) as exc:
+        logging.getLogger("pipeline").error("%s", exc)
+        sys.exit(1)
 
 
 @contextlib.contextmanager
@@ -51,6 +72,29 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; on success it replaces ``path`` whole.
+
+    Readers see the old folder or the new one, never a half-written one; on an exception the
+    temporary folder is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    old = path.parent / f".{path.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

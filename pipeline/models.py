@@ -6,10 +6,38 @@ A head maps pooled features ``(B, D)`` float32 → class probabilities ``(B, K)`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import keras
 import numpy as np
+
+import pipeline.backbones  # noqa: F401  (registers the Preprocess layer for deserialization)
+from pipeline.features import ProvenanceError, check_provenance
+from pipeline.io_utils import atomic_path, read_json, sha256_file, write_csv, write_json
+
+# Columns of the head's and fine-tuning's per-epoch history CSVs (reports/*_history.csv).
+HISTORY_HEADER = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
+
+
+def write_history(path: "str | Path", rows: Sequence[Sequence]) -> None:
+    """Per-epoch rows (epoch, loss, accuracy, val_loss, val_accuracy) → CSV, atomically."""
+    write_csv(path, HISTORY_HEADER, rows)
+
+
+def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> dict[int, float] | None:
+    """``head.class_weight`` / ``finetune.class_weight`` → Keras' ``class_weight`` dict.
+
+    ``balanced``: n / (k * count) per class, scikit-learn's formula, so each class carries the
+    same total weight in the loss; ``none``: None (every image weighs 1). ``labels`` (N,) int.
+    """
+    if mode == "none":
+        return None
+    counts = np.bincount(np.asarray(labels, np.int64), minlength=n_classes)
+    if (counts == 0).any():
+        missing = [int(i) for i in np.flatnonzero(counts == 0)]
+        raise ValueError(f"class_weight balanced: class indices {missing} have no training image")
+    weights = len(labels) / (n_classes * counts.astype(np.float64))
+    return {i: float(w) for i, w in enumerate(weights)}
 
 
 def build_head(input_dim: int, n_classes: int, hidden_units: int = 0, dropout: float = 0.0,
@@ -66,8 +94,6 @@ def save_model(model: keras.Model, path: "str | Path", meta: dict) -> None:
     The sidecar records the model file's sha256, so a reader can tell a sidecar that does not
     belong to the model next to it.
     """
-    from pipeline.io_utils import atomic_path, sha256_file, write_json
-
     path = Path(path)
     with atomic_path(path, suffix=".keras") as tmp:
         model.save(tmp)
@@ -81,16 +107,13 @@ def meta_path(path: "str | Path") -> Path:
 
 def load_model(path: "str | Path", expected: Optional[dict] = None) -> tuple[keras.Model, dict]:
     """Load a .keras model and its sidecar; check both belong together and match ``expected``."""
-    import pipeline.backbones  # noqa: F401  (registers the Preprocess layer for deserialization)
-    from pipeline.features import check_provenance
-    from pipeline.io_utils import read_json, sha256_file
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model not found; run `dvc repro` for the stage that writes it")
     meta = read_json(meta_path(path))
     if meta.get("model_sha256") != sha256_file(path):
-        raise ValueError(f"{meta_path(path)} does not describe {path} (sha256 differs); re-run the stage that writes it")
+        raise ProvenanceError(
+            f"{meta_path(path)} does not describe {path} (sha256 differs); re-run the stage that writes it")
     if expected is not None:
         check_provenance(str(path), meta.get("provenance", {}), expected, "re-run `dvc repro` (or fix params.yaml)")
     return keras.models.load_model(path, compile=False), meta

@@ -7,6 +7,7 @@ allowed, before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,23 +16,11 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-BACKBONE_NAMES = (
-    "efficientnet_lite0",
-    "vgg16",
-    "vgg19",
-    "resnet50",
-    "resnet50v2",
-    "inception_v3",
-    "xception",
-    "mobilenet_v2",
-    "efficientnetb0",
-    "efficientnetb1",
-    "efficientnetb2",
-    "efficientnetb3",
-)
+from pipeline.io_utils import PipelineError
+from pipeline.registry import REGISTRY
 
 
-class ParamsError(ValueError):
+class ParamsError(PipelineError):
     """A bad params.yaml: the message names the key and says what is allowed."""
 
 
@@ -61,7 +50,7 @@ class DataParams:
 
 @dataclass(frozen=True)
 class BackboneParams:
-    name: str = field(default="efficientnet_lite0", metadata={"choices": BACKBONE_NAMES})
+    name: str = field(default="efficientnet_lite0", metadata={"choices": tuple(REGISTRY)})
     weights: str = "imagenet"
     image_size: Optional[int] = field(default=None, metadata=_range(32, 1024))
     pooling: Literal["avg", "max"] = "avg"
@@ -122,6 +111,7 @@ class FinetuneParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
+    batch_size: int = field(default=32, metadata=_range(1, 4096))
     n_mistakes: int = field(default=16, metadata=_range(0, 1000))
 
 
@@ -160,7 +150,8 @@ def _convert(key: str, value: Any, tp: Any, meta: dict) -> Any:
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ParamsError(f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, got {value!r}")
+            allowed = sorted(f.name for f in dataclasses.fields(tp))
+            raise ParamsError(f"{key}: expected a mapping of {allowed}, got {value!r}")
         return _build(tp, value, key + ".")
     # bool is an int subclass in Python; a `true` where a number belongs is a mistake.
     if tp is bool:
@@ -195,10 +186,9 @@ def _build(cls: type, raw: dict, prefix: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in raw if k not in names]
     if unknown:
-        raise ParamsError(
-            f"unknown key {prefix}{unknown[0]!s} in params.yaml; allowed keys{' under ' + prefix.rstrip('.') if prefix else ''}: "
-            + ", ".join(names)
-        )
+        where = f" under {prefix.rstrip('.')}" if prefix else ""
+        raise ParamsError(f"unknown key {prefix}{unknown[0]!s} in params.yaml; allowed keys{where}: "
+                          + ", ".join(names))
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in raw:
@@ -206,26 +196,90 @@ def _build(cls: type, raw: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats.
+
+    PyYAML follows YAML 1.1, where a float needs a dot (``1e-4`` and ``3e-5`` load as strings),
+    while DVC (``dvc exp run -S``, ``dvc params diff``) reads and writes YAML 1.2. With this
+    loader every number a user writes the usual way (``1e-4``, ``3e-5``, ``1E3``, ``.5``,
+    ``1_000.0`` stays YAML 1.1's) is a number, wherever it comes from.
+    """
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[0-9][0-9_]*[eE][-+]?[0-9]+
+                  |\.(?:inf|Inf|INF)|[-+]\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text → Python objects, numbers read as YAML 1.2 (and DVC) read them."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_params(raw: dict | None) -> Params:
     """Validate a params mapping (as loaded from YAML) into :class:`Params`."""
     return _build(Params, raw or {})
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Load and validate ``params.yaml``; raises :class:`ParamsError` on any bad key or value."""
+def load_params(path: str | Path = "params.yaml", stage: Optional[str] = None,
+                sections: Optional[tuple[str, ...]] = None) -> Params:
+    """Load and validate ``params.yaml``; raises :class:`ParamsError` on any bad key or value.
+
+    With ``sections`` (a stage's declared params, as in dvc.yaml), every other top-level
+    section is replaced by :class:`Undeclared`, so reading it fails loudly. The whole file is
+    still validated.
+    """
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found; run from the project root or pass --params")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = parse_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
     if raw is not None and not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
     try:
-        return parse_params(raw)
+        params = parse_params(raw)
     except ParamsError as exc:
         raise ParamsError(f"{path}: {exc}") from None
+    if sections is None:
+        return params
+    return restrict(params, stage or "?", sections)
+
+
+class StageParams(Params):
+    """Params of one stage: reading a top-level key the stage does not declare raises :class:`ParamsError`.
+
+    A stage that read a section DVC does not know it reads would not re-run when that section
+    changes; this turns such a read into an error on its first run instead of a stale result.
+    """
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in object.__getattribute__(self, "_undeclared"):
+            stage = object.__getattribute__(self, "_stage")
+            raise ParamsError(
+                f"stage {stage} read params {name!r}, but its dvc.yaml entry does not declare it under params: "
+                f"add {name!r} there and to PARAMS in pipeline/{stage}.py")
+        return object.__getattribute__(self, name)
+
+
+def restrict(params: Params, stage: str, sections: tuple[str, ...]) -> Params:
+    """``params`` with every top-level key outside ``sections`` (dvc.yaml entries, e.g. ``seed``,
+    ``backbone``, ``extract.batch_size``) made unreadable."""
+    declared = {s.split(".")[0] for s in sections}
+    out = object.__new__(StageParams)
+    for f in dataclasses.fields(Params):
+        object.__setattr__(out, f.name, getattr(params, f.name))
+    object.__setattr__(out, "_undeclared", frozenset(f.name for f in dataclasses.fields(Params)) - declared)
+    object.__setattr__(out, "_stage", stage)
+    return out
 
 
 def as_dict(params: Any) -> dict:

@@ -1,9 +1,5 @@
 """Stage 3: fit a classifier head on the cached features (seconds, not hours).
 
-    python -m pipeline.train_head --train features/train.h5 --val features/val.h5 \
-        --classes data/prepared/classes.json --head models/head.keras \
-        --metrics reports/head_metrics.json --history reports/head_history.csv
-
 ``head.type: logreg`` fits scikit-learn's LogisticRegression (multinomial for > 2 classes) on
 features divided by one global scale (their RMS) and folds scale + coefficients into one
 Keras softmax Dense layer, so the saved head returns sklearn's probabilities. ``head.type: dense`` trains a Keras
@@ -23,15 +19,16 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, log_loss
 
-from pipeline.extract import feature_provenance
+from pipeline.backbones import feature_provenance
 from pipeline.features import FeatureSet, read_features
-from pipeline.io_utils import library_versions, read_json, setup_logging, write_csv, write_json
-from pipeline.models import build_head, logreg_to_dense_weights, save_model
+from pipeline.io_utils import library_versions, read_json, setup_logging, user_errors, write_json
+from pipeline.models import build_head, class_weights, logreg_to_dense_weights, save_model, write_history
 from pipeline.params import Params, as_dict, load_params
 
 log = logging.getLogger(__name__)
 
-HISTORY_HEADER = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
+# The params this stage reads: exactly its `params:` in dvc.yaml (a test checks both agree).
+PARAMS = ("seed", "backbone", "head")
 
 
 def feature_scale(features: np.ndarray) -> float:
@@ -45,22 +42,6 @@ def feature_scale(features: np.ndarray) -> float:
     """
     rms = float(np.sqrt(np.mean(np.square(features, dtype=np.float64))))
     return rms if rms > 0 else 1.0
-
-
-def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> dict[int, float] | None:
-    """``head.class_weight`` / ``finetune.class_weight`` → Keras' ``class_weight`` dict.
-
-    ``balanced``: n / (k * count) per class, scikit-learn's formula, so each class carries the
-    same total weight in the loss; ``none``: None (every image weighs 1). ``labels`` (N,) int.
-    """
-    if mode == "none":
-        return None
-    counts = np.bincount(np.asarray(labels, np.int64), minlength=n_classes)
-    if (counts == 0).any():
-        missing = [int(i) for i in np.flatnonzero(counts == 0)]
-        raise ValueError(f"class_weight balanced: class indices {missing} have no training image")
-    weights = len(labels) / (n_classes * counts.astype(np.float64))
-    return {i: float(w) for i, w in enumerate(weights)}
 
 
 def fit_logreg(train: FeatureSet, val: FeatureSet, n_classes: int, params: Params) -> tuple[keras.Model, list]:
@@ -103,7 +84,8 @@ def fit_dense(train: FeatureSet, val: FeatureSet, n_classes: int, params: Params
         callbacks=[keras.callbacks.EarlyStopping("val_loss", patience=p.patience, restore_best_weights=True)],
     )
     h = hist.history
-    rows = [(i + 1, h["loss"][i], h["accuracy"][i], h["val_loss"][i], h["val_accuracy"][i]) for i in range(len(h["loss"]))]
+    rows = [(i + 1, h["loss"][i], h["accuracy"][i], h["val_loss"][i], h["val_accuracy"][i])
+            for i in range(len(h["loss"]))]
     return head, rows
 
 
@@ -116,11 +98,11 @@ def split_metrics(head: keras.Model, fs: FeatureSet, n_classes: int) -> dict:
     }
 
 
-def run(train_h5: Path, val_h5: Path, classes_json: Path, head_out: Path, metrics_out: Path,
+def run(*, train_h5: Path, val_h5: Path, classes_json: Path, head_out: Path, metrics_out: Path,
         history_out: Path, params: Params) -> dict:
     """Fit the head on train features (model selection on val); returns the metrics written."""
     classes = read_json(classes_json)["classes"]
-    expected = feature_provenance(params, classes)
+    expected = feature_provenance(params.backbone, classes)
     train = read_features(train_h5, expected)
     val = read_features(val_h5, expected)
     t0 = time.perf_counter()
@@ -139,7 +121,7 @@ def run(train_h5: Path, val_h5: Path, classes_json: Path, head_out: Path, metric
         "class_names": classes, "feature_dim": int(train.features.shape[1]),
         "provenance": expected, "versions": library_versions(),
     })
-    write_csv(history_out, HISTORY_HEADER, history)
+    write_history(history_out, history)
     write_json(metrics_out, metrics)
     log.info("%s head in %.2fs: train acc %.4f, val acc %.4f, val log loss %.4f", params.head.type, seconds,
              metrics["train"]["accuracy"], metrics["val"]["accuracy"], metrics["val"]["log_loss"])
@@ -153,8 +135,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
     setup_logging()
-    params = load_params(args.params)
-    run(args.train, args.val, args.classes, args.head, args.metrics, args.history, params)
+    with user_errors():
+        params = load_params(args.params, "train_head", PARAMS)
+        run(train_h5=args.train, val_h5=args.val, classes_json=args.classes, head_out=args.head,
+            metrics_out=args.metrics, history_out=args.history, params=params)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,83 @@
+"""The one path from image files to model outputs: extract (features), evaluate and predict (probabilities).
+
+Images are decoded by :func:`pipeline.images.load_image` in a thread pool a few batches
+ahead of the model (:func:`pipeline.datasets.decode_ahead`) and fed as uint8; the model is
+called in one compiled function that casts to float32 inside (4x less data to copy than
+float32 batches). This module, with the backbone builder, decides the feature values, so it
+is part of the feature cache's key (:func:`pipeline.feature_cache.code_fingerprint`).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Callable, Iterator, Optional, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from pipeline.datasets import decode_ahead
+from pipeline.images import load_image
+
+log = logging.getLogger(__name__)
+
+Infer = Callable[[np.ndarray], np.ndarray]
+
+
+def compile_uint8(model: keras.Model, size: int) -> Infer:
+    """``model`` as one traced function: ``(B, size, size, 3)`` uint8 → its float32 outputs, ``B`` >= 1.
+
+    Traced once with the batch dimension left open (a one-off cost of seconds, paid here, not
+    in the first batch). A batch of one is computed as a batch of two: oneDNN takes another
+    code path for B = 1 whose results differ in the last bits, while every B >= 2 gives
+    bit-identical per-image outputs. That is what makes resumed, incremental and re-batched
+    runs equal a fresh run.
+    """
+    fn = tf.function(lambda x: tf.cast(model(tf.cast(x, tf.float32), training=False), tf.float32),
+                     input_signature=[tf.TensorSpec((None, size, size, 3), tf.uint8)])
+    t0 = time.perf_counter()
+    fn(tf.zeros((2, size, size, 3), tf.uint8))
+    log.info("%s traced in %.1fs", model.name, time.perf_counter() - t0)
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        n = int(batch.shape[0])
+        if n == 1:
+            batch = np.concatenate([batch, batch])
+        return fn(batch).numpy()[:n]
+
+    return infer
+
+
+def _decode(path: str, size: int, tolerant: bool) -> tuple[Optional[np.ndarray], str]:
+    if not tolerant:
+        return load_image(path, size), ""
+    try:
+        return load_image(path, size), ""
+    except ValueError as exc:  # load_image wraps every decoding failure in ImageDecodeError
+        return None, str(exc)
+    except Exception as exc:  # anything else about one file (permissions, vanished, …) must not end the run
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def batched_outputs(infer: Infer, paths: Sequence[str], size: int, batch_size: int, tolerant: bool = False,
+                    desc: str = "infer", progress: bool = True) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """For consecutive batches of ``paths``: (outputs of the images that decoded, one error per path).
+
+    ``outputs`` is ``(M, ...)`` float32 for the ``M`` paths whose error is ``""``, in order.
+    ``tolerant=False``: a file that does not decode raises (prepare checked every file, so that
+    means it changed since); ``True``: it gets its error and the run goes on (predict).
+    """
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, file=sys.stderr) as bar:
+        for decoded in decode_ahead(paths, batch_size, lambda p: _decode(p, size, tolerant)):
+            images = [img for img, _ in decoded if img is not None]
+            out = infer(np.stack(images)) if images else np.zeros((0,), np.float32)
+            yield out, [err for _, err in decoded]
+            bar.update(len(decoded))
+
+
+def predict_all(infer: Infer, paths: Sequence[str], size: int, batch_size: int, desc: str = "infer") -> np.ndarray:
+    """Outputs of every image in ``paths`` (all must decode) → ``(N, ...)`` float32."""
+    chunks = [out for out, _ in batched_outputs(infer, paths, size, batch_size, desc=desc)]
+    return np.concatenate(chunks) if chunks else np.zeros((0,), np.float32)

