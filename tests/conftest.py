@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -52,7 +54,8 @@ def as_params(raw: dict) -> Params:
 def shared_dataset(name: str) -> Path:
     path = SHARED / name
     if not path.is_dir():
-        pytest.skip(f"../shared/datasets/{name} not found: this real-data test needs the shared datasets beside the project")
+        pytest.skip(f"../shared/datasets/{name} not found: this real-data test needs the shared datasets "
+                    "beside the project")
     return path
 
 
@@ -87,16 +90,18 @@ def run_git(cwd: Path, *args: str) -> str:
     return proc.stdout
 
 
-@pytest.fixture(scope="session")
-def tiny_dvc_project(tmp_path_factory) -> Path:
+@dataclass(frozen=True)
+class TinyRun:
+    path: Path
+    first_repro: str  # what the project's first `dvc repro` printed
+
+
+def new_tiny_project(proj: Path, remote: Optional[Path] = None) -> Path:
     """This project's dvc.yaml + pipeline/ on 3 × 12 tiny images with tiny params, in a fresh git + DVC
-    repo whose images are DVC-tracked (``data/raw.dvc``) and whose default remote is a local folder
-    (``<tmp>/remote``); ``dvc repro`` has run and everything is committed. Read-only for its users.
-    """
+    repo whose images are DVC-tracked (``data/raw.dvc``), committed; nothing has run yet."""
     import shutil
 
-    proj = tmp_path_factory.mktemp("tinyproj")
-    remote = tmp_path_factory.mktemp("remote")
+    proj.mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "dvc.yaml", proj / "dvc.yaml")
     shutil.copytree(ROOT / "pipeline", proj / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     make_images(proj / "data" / "raw", per_class=12)
@@ -107,17 +112,46 @@ def tiny_dvc_project(tmp_path_factory) -> Path:
     run_dvc(proj, "init", "-q")
     shutil.copy(ROOT / ".dvcignore", proj / ".dvcignore")
     run_dvc(proj, "config", "core.analytics", "false")
-    run_dvc(proj, "remote", "add", "-d", "local", str(remote))
+    if remote is not None:
+        run_dvc(proj, "remote", "add", "-d", "local", str(remote))
     run_dvc(proj, "add", "-q", "data/raw")
     run_git(proj, "add", "-A")
     run_git(proj, "commit", "-qm", "tiny project")
-    run_dvc(proj, "repro")
-    run_git(proj, "add", "-A")
-    run_git(proj, "commit", "-qm", "first run")
     return proj
 
 
-# --- Hostile inputs (issue 4): every odd file a real image folder holds, made here ---
+@pytest.fixture(scope="session")
+def tiny_dvc_run(tmp_path_factory) -> TinyRun:
+    """:func:`new_tiny_project` with a local folder as default DVC remote, after ``dvc repro``, all
+    committed. Read-only for its users: a test that changes a project works on :func:`copy_project`."""
+    proj = new_tiny_project(tmp_path_factory.mktemp("tinyproj"), tmp_path_factory.mktemp("remote"))
+    out = run_dvc(proj, "repro")
+    run_git(proj, "add", "-A")
+    run_git(proj, "commit", "-qm", "first run")
+    return TinyRun(proj, out)
+
+
+@pytest.fixture(scope="session")
+def tiny_dvc_project(tiny_dvc_run: TinyRun) -> Path:
+    return tiny_dvc_run.path
+
+
+def copy_project(src: Path, dest: Path) -> Path:
+    """A private copy of a project (work tree, git history, DVC cache) that a test may change."""
+    import shutil
+
+    shutil.copytree(src, dest, symlinks=True)
+    return dest
+
+
+def ran_stages(dvc_output: str) -> set[str]:
+    """The stages a `dvc repro` / `dvc exp run` output says it ran."""
+    import re
+
+    return set(re.findall(r"Running stage '(\w+)'", dvc_output))
+
+
+# --- Hostile inputs: every odd file a real image folder holds, made here ---
 
 HOSTILE_CLASSES = ("chat noir é", "circle", "square")
 
@@ -136,7 +170,7 @@ def _png_header_only(width: int, height: int) -> bytes:
 
 
 def make_hostile_folder(root: Path, per_class: int = 12) -> tuple[Path, dict[str, tuple[str, str]]]:
-    """An image folder with good images plus every hostile file of issue 4, all made here.
+    """An image folder with good images plus every hostile file a real folder may hold, all made here.
 
     Returns ``(root, expected)``: for each path (relative to ``root``, as prepare reports it)
     ``("accepted", "")``, ``("rejected", reason substring)`` or ``("ignored", reason substring)``.

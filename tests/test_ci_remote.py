@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import run_dvc, run_git
 
 pytestmark = pytest.mark.slow
 
-ALL_STAGES = {"prepare", "extract", "train_head", "finetune", "evaluate", "export"}
+ALL_STAGES = {"demo", "prepare", "extract", "train_head", "finetune", "evaluate", "export"}
 AFTER_HEAD = {"train_head", "finetune", "evaluate", "export"}
 
 

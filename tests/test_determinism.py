@@ -1,4 +1,4 @@
-"""Issue 4, determinism: the same params twice → identical features and metrics on CPU.
+"""Determinism: the same params twice → identical features and metrics on CPU.
 
 One run in this process, one in a fresh Python process at the same time, over the hostile
 folder of conftest.make_hostile_folder (so every odd format prepare accepts also goes through
@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-
 from conftest import ROOT, as_params, make_hostile_folder, tiny_params
+
 from pipeline import evaluate, extract, finetune, prepare, train_head
 from pipeline.features import read_features
+from pipeline.manifest import SPLITS
 from pipeline.models import load_model
 
 PARAMS = {"data.max_rejected_fraction": 0.5, "head.type": "dense", "head.dense.epochs": 5,
@@ -30,15 +31,18 @@ def run_pipeline(raw: Path, out: Path, raw_params: dict) -> None:
     """prepare → extract → train_head → finetune → evaluate into ``out``, as dvc.yaml wires them."""
     params = as_params(raw_params)
     manifest, classes = out / "manifest.csv", out / "classes.json"
-    prepare.run(raw, manifest, classes, params.data, quarantine=out / "quarantine.csv")
-    feats = {s: out / f"{s}.h5" for s in prepare.SPLITS}
-    extract.run(raw, manifest, classes, feats, params)
-    train_head.run(feats["train"], feats["val"], classes, out / "head.keras", out / "head_metrics.json",
-                   out / "head_history.csv", params)
-    finetune.run(raw, manifest, classes, feats["val"], out / "head.keras", out / "model.keras",
-                 out / "finetune_history.csv", out / "finetune_metrics.json", params, checkpoint=out / "ckpt.h5")
-    evaluate.run(raw, classes, feats["test"], out / "head.keras", out / "model.keras", out / "metrics.json",
-                 out / "per_class.json", out / "plots", out / "mistakes.png", params)
+    prepare.run(raw_dir=raw, manifest=manifest, classes_out=classes, params=params.data,
+                quarantine=out / "quarantine.csv")
+    feats = {s: out / f"{s}.h5" for s in SPLITS}
+    extract.run(raw_dir=raw, manifest=manifest, classes_json=classes, outs=feats, params=params)
+    train_head.run(train_h5=feats["train"], val_h5=feats["val"], classes_json=classes, head_out=out / "head.keras",
+                   metrics_out=out / "head_metrics.json", history_out=out / "head_history.csv", params=params)
+    finetune.run(raw_dir=raw, manifest=manifest, classes_json=classes, val_features=feats["val"],
+                 head_path=out / "head.keras", model_out=out / "model.keras", history_out=out / "finetune_history.csv",
+                 metrics_out=out / "finetune_metrics.json", params=params, checkpoint=out / "ckpt.h5")
+    evaluate.run(raw_dir=raw, classes_json=classes, test_features=feats["test"], head_path=out / "head.keras",
+                 model_path=out / "model.keras", metrics_out=out / "metrics.json", per_class_out=out / "per_class.json",
+                 plots_dir=out / "plots", mistakes_out=out / "mistakes.png", params=params)
 
 
 def test_two_runs_give_identical_features_and_metrics(tmp_path):
@@ -70,7 +74,7 @@ def test_two_runs_give_identical_features_and_metrics(tmp_path):
     same_bytes += [f"plots/{p.name}" for p in sorted((a / "plots").iterdir())]
     for name in same_bytes:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    for split in prepare.SPLITS:
+    for split in SPLITS:
         fa, fb = read_features(a / f"{split}.h5"), read_features(b / f"{split}.h5")
         np.testing.assert_array_equal(fa.features, fb.features, err_msg=split)
         np.testing.assert_array_equal(fa.labels, fb.labels)

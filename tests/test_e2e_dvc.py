@@ -1,88 +1,113 @@
-"""Real `dvc repro` of the real dvc.yaml on tiny images in a temporary project."""
+"""Real `dvc repro` of the real dvc.yaml on tiny images in a temporary git + DVC project.
+
+Each test that changes a project works on its own copy (conftest.copy_project) of the one
+that ran the pipeline once, so the tests do not depend on each other's order.
+"""
 import json
-import os
-import re
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
-
-from conftest import ROOT, make_images, tiny_params
+from conftest import ROOT, copy_project, ran_stages, run_dvc, run_git
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("prepare", "extract", "train_head", "finetune", "evaluate", "export")
+STAGES = {"demo", "prepare", "extract", "train_head", "finetune", "evaluate", "export"}
 
 
-def _dvc(cwd: Path, *args: str) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{out[-4000:]}"
-    return out
-
-
-def _ran(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '(\w+)'", output))
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    proj = tmp_path_factory.mktemp("proj")
-    shutil.copy(ROOT / "dvc.yaml", proj / "dvc.yaml")
-    shutil.copytree(ROOT / "pipeline", proj / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    make_images(proj / "data" / "raw", per_class=12)
-    (proj / "params.yaml").write_text(yaml.safe_dump(tiny_params("data/raw")))
-    _git(proj, "init", "-q")
-    _dvc(proj, "init", "-q")
-    _dvc(proj, "config", "core.analytics", "false")
-    _git(proj, "add", "-A")
-    _git(proj, "commit", "-qm", "tiny project")
-    return proj
-
-
-def _git(cwd: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True)
-
-
-def test_repro_runs_every_stage_and_writes_metrics(project):
-    out = _dvc(project, "repro")
-    assert _ran(out) == set(STAGES)
-    metrics = json.loads((project / "reports" / "metrics.json").read_text())
+def test_repro_runs_every_stage_and_writes_metrics(tiny_dvc_run):
+    proj = tiny_dvc_run.path
+    assert ran_stages(tiny_dvc_run.first_repro) == STAGES
+    metrics = json.loads((proj / "reports" / "metrics.json").read_text())
     for model in ("head", "finetuned"):
         assert 0.0 <= metrics[model]["accuracy"] <= 1.0
         assert metrics[model]["n"] > 0
-    details = json.loads((project / "reports" / "per_class.json").read_text())
+    details = json.loads((proj / "reports" / "per_class.json").read_text())
     for model in ("head", "finetuned"):
         assert len(details[model]["confusion_matrix"]) == 3
         assert set(details[model]["per_class"]) == {"circle", "square", "stripes"}
-    assert (project / "reports" / "mistakes.png").stat().st_size > 0
+    assert (proj / "reports" / "mistakes.png").stat().st_size > 0
     for f in ("features/train.h5", "features/val.h5", "features/test.h5", "models/head.keras", "models/model.keras"):
-        assert (project / f).is_file(), f
+        assert (proj / f).is_file(), f
+    # The demo stage generated the default images even though this project's params point elsewhere.
+    assert (proj / "data" / "demo" / ".demo-dataset").is_file()
 
 
-def test_second_repro_runs_nothing(project):
-    out = _dvc(project, "repro")
-    assert _ran(out) == set(), out
-    _git(project, "add", "-A")
-    _git(project, "commit", "-qm", "first run")
+def test_second_repro_runs_nothing(tiny_dvc_project, tmp_path):
+    proj = copy_project(tiny_dvc_project, tmp_path / "proj")
+    out = run_dvc(proj, "repro")
+    assert ran_stages(out) == set(), out
+    assert "Data and pipelines are up to date" in out
 
 
-def test_head_param_change_reruns_only_downstream_of_extract(project):
-    params = yaml.safe_load((project / "params.yaml").read_text())
+def test_head_param_change_reruns_only_downstream_of_extract(tiny_dvc_project, tmp_path):
+    proj = copy_project(tiny_dvc_project, tmp_path / "proj")
+    params = yaml.safe_load((proj / "params.yaml").read_text())
     params["head"]["logreg"]["C"] = 0.5
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
-    out = _dvc(project, "repro")
-    assert _ran(out) == {"train_head", "finetune", "evaluate", "export"}, out
-    diff = _dvc(project, "params", "diff")
+    (proj / "params.yaml").write_text(yaml.safe_dump(params))
+    out = run_dvc(proj, "repro")
+    assert ran_stages(out) == {"train_head", "finetune", "evaluate", "export"}, out
+    diff = run_dvc(proj, "params", "diff")
     assert "head.logreg.C" in diff and "0.5" in diff
     assert "backbone" not in diff
-    _dvc(project, "metrics", "diff")  # compares the run against the committed one
+    assert "head.accuracy" in run_dvc(proj, "metrics", "diff", "--all")  # the run against the committed one
 
 
-def test_metrics_show_lists_stage_metrics(project):
-    out = _dvc(project, "metrics", "show")
+def test_seed_change_does_not_rerun_extract(tiny_dvc_project, tmp_path):
+    """extract does not read `seed`, so it does not declare it: only the stages that read it re-run."""
+    proj = copy_project(tiny_dvc_project, tmp_path / "proj")
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["seed"] = 7
+    (proj / "params.yaml").write_text(yaml.safe_dump(params))
+    out = run_dvc(proj, "repro")
+    assert ran_stages(out) == {"train_head", "finetune", "evaluate", "export"}, out
+
+
+def test_metrics_show_lists_stage_metrics(tiny_dvc_project):
+    out = run_dvc(tiny_dvc_project, "metrics", "show")
     assert "reports/metrics.json" in out and "head.accuracy" in out
+
+
+def test_missing_raw_dir_is_one_line_that_says_what_to_do(tmp_path):
+    """Run directly (as DVC runs it), prepare says in one line which param to fix, with no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "pipeline.prepare", "--raw-dir", str(tmp_path / "nope"),
+                           "--manifest", str(tmp_path / "m.csv"), "--classes", str(tmp_path / "c.json"),
+                           "--params", str(ROOT / "params.yaml")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1
+    errors = [ln for ln in proc.stderr.splitlines() if " ERROR " in ln]
+    assert len(errors) == 1 and "data.raw_dir" in errors[0] and "point data.raw_dir" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+EXP_PROJECT_STAGE = """stages:
+  show_lr:
+    cmd: python -c "from pipeline.params import load_params; print(load_params().finetune.learning_rate)" > lr.txt
+    deps:
+      - pipeline/params.py
+    params:
+      - finetune.learning_rate
+    outs:
+      - lr.txt:
+          cache: false
+"""
+
+
+@pytest.mark.parametrize("written", ["3e-5", "1E-3", ".5e-4"])
+def test_dvc_exp_run_set_param_with_an_exponent_is_a_number(tmp_path, written):
+    """`dvc exp run -S` writes params.yaml as YAML 1.2; every number a user types must load as a number."""
+    import shutil
+
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    shutil.copytree(ROOT / "pipeline", proj / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "params.yaml", proj / "params.yaml")
+    (proj / "dvc.yaml").write_text(EXP_PROJECT_STAGE)
+    (proj / ".gitignore").write_text("__pycache__/\n")
+    run_git(proj, "init", "-q", "-b", "main")
+    run_dvc(proj, "init", "-q")
+    run_git(proj, "add", "-A")
+    run_git(proj, "commit", "-qm", "exp project")
+    out = run_dvc(proj, "exp", "run", "-S", f"finetune.learning_rate={written}")
+    assert ran_stages(out) == {"show_lr"}, out
+    assert float((proj / "lr.txt").read_text()) == pytest.approx(float(written))

@@ -17,8 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.efficientnet_lite import (BLOCK_BOUNDARIES, LITE0_WEIGHTS_ID, EfficientNetLite0,
-                                        default_weights_path, load_torch_weights)
+from pipeline.efficientnet_lite import (
+    BLOCK_BOUNDARIES,
+    LITE0_WEIGHTS_ID,
+    EfficientNetLite0,
+    default_weights_path,
+    load_torch_weights,
+)
 from pipeline.images import load_image
 from pipeline.torch_legacy import LEGACY_MAGIC_NUMBER, load_legacy_state_dict
 

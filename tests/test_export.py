@@ -10,8 +10,8 @@ from PIL import Image
 
 from pipeline.images import load_image
 from pipeline.io_utils import sha256_file
+from pipeline.manifest import read_manifest
 from pipeline.models import load_model
-from pipeline.prepare import read_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -92,5 +92,6 @@ def test_export_stage_refuses_the_feature_head(tiny_dvc_project: Path, tmp_path:
     from pipeline.export import run
 
     with pytest.raises(ValueError, match="fine-tuned image model"):
-        run(tiny_dvc_project / "models" / "head.keras", tmp_path / "serving", tmp_path / "serving.json")
+        run(model_path=tiny_dvc_project / "models" / "head.keras", out_dir=tmp_path / "serving",
+            meta_out=tmp_path / "serving.json")
     assert not (tmp_path / "serving").exists() and not (tmp_path / "serving.json").exists()

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pytest
 import yaml
-
 from conftest import ROOT, as_params, make_images, tiny_params
+
 from pipeline import extract, prepare
+from pipeline.manifest import SPLITS
 
 
 def _setup(tmp_path: Path, per_class: int = 12, **overrides):
@@ -24,9 +24,10 @@ def _setup(tmp_path: Path, per_class: int = 12, **overrides):
 
 
 def _extract(raw: Path, params, out: Path, cache: Path | None):
-    prepare.run(raw, out / "manifest.csv", out / "classes.json", params.data)
-    outs = {s: out / f"{s}.h5" for s in prepare.SPLITS}
-    m = extract.run(raw, out / "manifest.csv", out / "classes.json", outs, params, out / "m.json", cache)
+    prepare.run(raw_dir=raw, manifest=out / "manifest.csv", classes_out=out / "classes.json", params=params.data)
+    outs = {s: out / f"{s}.h5" for s in SPLITS}
+    m = extract.run(raw_dir=raw, manifest=out / "manifest.csv", classes_json=out / "classes.json", outs=outs,
+                    params=params, metrics=out / "m.json", cache_dir=cache)
     return m, outs
 
 
@@ -48,7 +49,7 @@ def test_incremental_run_computes_only_new_images_and_equals_a_fresh_run(tmp_pat
     second, outs = _extract(raw, params, tmp_path / "run2", cache)
     assert second["computed"] == 3 and second["reused"] == 36
     _, fresh = _extract(raw, params, tmp_path / "fresh", None)
-    for split in prepare.SPLITS:
+    for split in SPLITS:
         a, b = _read(outs[split]), _read(fresh[split])
         np.testing.assert_array_equal(a[0], b[0])
         assert a[2] == b[2]
@@ -82,7 +83,7 @@ def test_small_chunks_give_the_same_files(tmp_path, monkeypatch):
     (key_dir,) = [d for d in (tmp_path / "c2").iterdir() if d.is_dir()]
     # Batches of 8 each pass the 5-image threshold: one committed chunk per batch.
     assert len(list(key_dir.glob("*.keys.npy"))) == 5
-    for split in prepare.SPLITS:
+    for split in SPLITS:
         np.testing.assert_array_equal(_read(big[split])[0], _read(small[split])[0])
         with h5py.File(small[split], "r") as h5:
             assert h5["features"].chunks is not None and h5["features"].chunks[0] <= 4
@@ -94,7 +95,7 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
     proj.mkdir()
     (proj / "params.yaml").write_text(yaml.safe_dump(tiny_params(str(raw), **{"extract.batch_size": 16})))
     params = as_params(tiny_params(str(raw), **{"extract.batch_size": 16}))
-    prepare.run(raw, proj / "manifest.csv", proj / "classes.json", params.data)
+    prepare.run(raw_dir=raw, manifest=proj / "manifest.csv", classes_out=proj / "classes.json", params=params.data)
     cache = proj / "cache"
     cmd = [sys.executable, "-m", "pipeline.extract", "--raw-dir", str(raw), "--manifest", "manifest.csv",
            "--classes", "classes.json", "--train", "train.h5", "--val", "val.h5", "--test", "test.h5",
@@ -111,12 +112,13 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
     committed = sum(len(np.load(f)) for f in cache.glob("*/*.keys.npy"))
     assert 0 < committed < 900
     # Nothing partial where a later stage would look: the split files do not exist yet.
-    assert not any((proj / f"{s}.h5").exists() for s in prepare.SPLITS)
+    assert not any((proj / f"{s}.h5").exists() for s in SPLITS)
     subprocess.run(cmd, cwd=proj, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import json
     m = json.loads((proj / "m.json").read_text())
     assert m["reused"] == committed and m["computed"] == 900 - committed
-    fresh = {s: tmp_path / "fresh" / f"{s}.h5" for s in prepare.SPLITS}
-    extract.run(raw, proj / "manifest.csv", proj / "classes.json", fresh, params)
-    for split in prepare.SPLITS:
+    fresh = {s: tmp_path / "fresh" / f"{s}.h5" for s in SPLITS}
+    extract.run(raw_dir=raw, manifest=proj / "manifest.csv", classes_json=proj / "classes.json", outs=fresh,
+                params=params)
+    for split in SPLITS:
         assert _sha(proj / f"{split}.h5") == _sha(fresh[split]), f"{split}.h5 differs from an uninterrupted run"

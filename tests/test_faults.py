@@ -1,4 +1,4 @@
-"""Issue 4, faults: kill -9 during extract, finetune and evaluate; a full disk; a read-only folder;
+"""Faults: kill -9 during extract, finetune and evaluate; a full disk; a read-only folder;
 stale or foreign artifacts; resuming fine-tuning from its checkpoint.
 
 Kills are real: the stage runs in a subprocess (its own ``main()``) and gets SIGKILL. To land
@@ -23,11 +23,12 @@ import h5py
 import numpy as np
 import pytest
 import yaml
-
 from conftest import ROOT, as_params, make_images, tiny_params
+
 from pipeline import evaluate, extract, finetune, prepare, train_head
-from pipeline.backbones import BackboneError
+from pipeline.backbones import BackboneError, feature_provenance
 from pipeline.features import ProvenanceError, read_features
+from pipeline.manifest import SPLITS
 from pipeline.models import load_model
 from pipeline.resume import TrainState, restore_checkpoint, save_checkpoint
 
@@ -59,14 +60,16 @@ class Project:
         self.params_file = self.write_params(self.raw_params, "params.yaml")
         self.params = as_params(self.raw_params)
         self.manifest, self.classes = root / "manifest.csv", root / "classes.json"
-        self.feats = {s: root / f"{s}.h5" for s in prepare.SPLITS}
+        self.feats = {s: root / f"{s}.h5" for s in SPLITS}
         self.head = root / "head.keras"
         self.ref = root / "ref"
         self.model = self.ref / "model.keras"
-        prepare.run(self.raw, self.manifest, self.classes, self.params.data)
-        extract.run(self.raw, self.manifest, self.classes, self.feats, self.params)
-        train_head.run(self.feats["train"], self.feats["val"], self.classes, self.head, root / "head_metrics.json",
-                       root / "head_history.csv", self.params)
+        prepare.run(raw_dir=self.raw, manifest=self.manifest, classes_out=self.classes, params=self.params.data)
+        extract.run(raw_dir=self.raw, manifest=self.manifest, classes_json=self.classes, outs=self.feats,
+                    params=self.params)
+        train_head.run(train_h5=self.feats["train"], val_h5=self.feats["val"], classes_json=self.classes,
+                       head_out=self.head, metrics_out=root / "head_metrics.json",
+                       history_out=root / "head_history.csv", params=self.params)
         self.ref.mkdir()
         # The run test_kill_during_finetune kills: started now, so that it runs (and is killed
         # after epoch 1) while the uninterrupted reference below trains.
@@ -88,13 +91,16 @@ class Project:
         return path
 
     def finetune(self, out: Path, params=None, checkpoint: Path | None = None) -> dict:
-        return finetune.run(self.raw, self.manifest, self.classes, self.feats["val"], self.head, out / "model.keras",
-                            out / "history.csv", out / "metrics.json", params or self.params, checkpoint=checkpoint)
+        return finetune.run(raw_dir=self.raw, manifest=self.manifest, classes_json=self.classes,
+                            val_features=self.feats["val"], head_path=self.head, model_out=out / "model.keras",
+                            history_out=out / "history.csv", metrics_out=out / "metrics.json",
+                            params=params or self.params, checkpoint=checkpoint)
 
     def evaluate(self, out: Path, model: Path | None = None) -> dict:
-        return evaluate.run(self.raw, self.classes, self.feats["test"], self.head, model or self.model,
-                            out / "metrics.json", out / "per_class.json", out / "plots", out / "mistakes.png",
-                            self.params)
+        return evaluate.run(raw_dir=self.raw, classes_json=self.classes, test_features=self.feats["test"],
+                            head_path=self.head, model_path=model or self.model, metrics_out=out / "metrics.json",
+                            per_class_out=out / "per_class.json", plots_dir=out / "plots",
+                            mistakes_out=out / "mistakes.png", params=self.params)
 
 
 @pytest.fixture(scope="module")
@@ -154,20 +160,21 @@ def test_kill_during_extract_leaves_the_previous_features_or_none(project, tmp_p
     before = {s: (tmp_path / f"{s}.h5").read_bytes() for s in ("train", "val")}
     new_raw = tiny_params(str(project.raw), **{"backbone.pooling": "max"})
     new_params_file = project.write_params(new_raw, "params_max.yaml")
-    outs = [a for s in prepare.SPLITS for a in (f"--{s}", str(tmp_path / f"{s}.h5"))]
+    outs = [a for s in SPLITS for a in (f"--{s}", str(tmp_path / f"{s}.h5"))]
     KilledStage("pipeline.extract", ["--raw-dir", str(project.raw), "--manifest", str(project.manifest), "--classes",
                                      str(project.classes), *outs, "--metrics", str(tmp_path / "extract.json"),
                                      "--params", str(new_params_file)], tmp_path / "work", delay=0.3).wait_killed()
     assert _visible(tmp_path) == {"train.h5", "val.h5", "work"}
     for s in ("train", "val"):
         assert (tmp_path / f"{s}.h5").read_bytes() == before[s], f"{s}.h5 was touched by the killed run"
-        read_features(tmp_path / f"{s}.h5", extract.feature_provenance(project.params, ["circle", "square", "stripes"]))
+        read_features(tmp_path / f"{s}.h5",
+                      feature_provenance(project.params.backbone, ["circle", "square", "stripes"]))
     # The rerun completes, with the new params.
     new_params = as_params(new_raw)
-    extract.run(project.raw, project.manifest, project.classes, {s: tmp_path / f"{s}.h5" for s in prepare.SPLITS},
-                new_params)
-    expected = extract.feature_provenance(new_params, ["circle", "square", "stripes"])
-    for s in prepare.SPLITS:
+    extract.run(raw_dir=project.raw, manifest=project.manifest, classes_json=project.classes,
+                outs={s: tmp_path / f"{s}.h5" for s in SPLITS}, params=new_params)
+    expected = feature_provenance(new_params.backbone, ["circle", "square", "stripes"])
+    for s in SPLITS:
         fs = read_features(tmp_path / f"{s}.h5", expected)
         assert fs.attrs["pooling"] == "max" and len(fs.paths) == len(read_features(project.feats[s]).paths)
 
@@ -241,8 +248,8 @@ def test_disk_full_while_saving_a_model_keeps_the_previous_model(project, tmp_pa
     head = tmp_path / "head.keras"
 
     def fit_head():
-        train_head.run(project.feats["train"], project.feats["val"], project.classes, head, tmp_path / "m.json",
-                       tmp_path / "h.csv", dense)
+        train_head.run(train_h5=project.feats["train"], val_h5=project.feats["val"], classes_json=project.classes,
+                       head_out=head, metrics_out=tmp_path / "m.json", history_out=tmp_path / "h.csv", params=dense)
 
     shutil.copy(project.head, head)
     shutil.copy(project.head.with_suffix(".json"), tmp_path / "head.json")
@@ -259,16 +266,18 @@ def test_disk_full_while_saving_a_model_keeps_the_previous_model(project, tmp_pa
 
 
 def test_disk_full_while_writing_features_keeps_the_previous_features(project, tmp_path):
-    outs = {s: tmp_path / f"{s}.h5" for s in prepare.SPLITS}
+    outs = {s: tmp_path / f"{s}.h5" for s in SPLITS}
     for s, out in outs.items():
         shutil.copy(project.feats[s], out)
     before = {s: out.read_bytes() for s, out in outs.items()}
     # A feature file of this project is ~70 kB; its header and small datasets fit in 16 kB.
-    with pytest.raises(Exception), _FileSizeLimit(16 << 10):
-        extract.run(project.raw, project.manifest, project.classes, outs, project.params)
+    with pytest.raises(OSError), _FileSizeLimit(16 << 10):
+        extract.run(raw_dir=project.raw, manifest=project.manifest, classes_json=project.classes, outs=outs,
+                    params=project.params)
     assert {s: out.read_bytes() for s, out in outs.items()} == before
-    assert _visible(tmp_path) == {f"{s}.h5" for s in prepare.SPLITS}
-    extract.run(project.raw, project.manifest, project.classes, outs, project.params)
+    assert _visible(tmp_path) == {f"{s}.h5" for s in SPLITS}
+    extract.run(raw_dir=project.raw, manifest=project.manifest, classes_json=project.classes, outs=outs,
+                params=project.params)
     for s, out in outs.items():
         np.testing.assert_array_equal(read_features(out).features, read_features(project.feats[s]).features)
 
@@ -280,8 +289,9 @@ def test_read_only_output_folder_fails_cleanly(project, tmp_path):
     out.chmod(0o555)
     try:
         with pytest.raises(PermissionError):
-            train_head.run(project.feats["train"], project.feats["val"], project.classes, out / "head.keras",
-                           out / "m.json", out / "h.csv", project.params)
+            train_head.run(train_h5=project.feats["train"], val_h5=project.feats["val"], classes_json=project.classes,
+                           head_out=out / "head.keras", metrics_out=out / "m.json", history_out=out / "h.csv",
+                           params=project.params)
         assert list(out.iterdir()) == []
     finally:
         out.chmod(0o755)
@@ -292,8 +302,10 @@ def test_read_only_output_folder_fails_cleanly(project, tmp_path):
 def test_features_from_other_params_are_refused_naming_the_difference(project, tmp_path):
     other = as_params(tiny_params(str(project.raw), **{"backbone.pooling": "max"}))
     with pytest.raises(ProvenanceError, match=r"pooling: artifact has 'avg', params give 'max'.*dvc repro"):
-        evaluate.run(project.raw, project.classes, project.feats["test"], project.head, project.model,
-                     tmp_path / "m.json", tmp_path / "pc.json", tmp_path / "plots", tmp_path / "mis.png", other)
+        evaluate.run(raw_dir=project.raw, classes_json=project.classes, test_features=project.feats["test"],
+                     head_path=project.head, model_path=project.model, metrics_out=tmp_path / "m.json",
+                     per_class_out=tmp_path / "pc.json", plots_dir=tmp_path / "plots",
+                     mistakes_out=tmp_path / "mis.png", params=other)
     with pytest.raises(ProvenanceError, match="image_size: artifact has 64, params give 96"):
         project.finetune(tmp_path, params=as_params(tiny_params(str(project.raw), **{"backbone.image_size": 96})))
     assert _visible(tmp_path) == set()
@@ -324,8 +336,9 @@ def test_head_trained_for_another_class_list_is_refused(project, tmp_path):
     other.write_text(json.dumps(doc))
     with pytest.raises(ProvenanceError, match=r"class_names: artifact has \['circle', 'square', 'stripes'\], "
                                               r"params give \['circle', 'disc', 'stripes'\]"):
-        finetune.run(project.raw, project.manifest, other, project.feats["val"], project.head, tmp_path / "model.keras",
-                     tmp_path / "h.csv", tmp_path / "m.json", project.params)
+        finetune.run(raw_dir=project.raw, manifest=project.manifest, classes_json=other,
+                     val_features=project.feats["val"], head_path=project.head, model_out=tmp_path / "model.keras",
+                     history_out=tmp_path / "h.csv", metrics_out=tmp_path / "m.json", params=project.params)
     assert _visible(tmp_path) == {"classes.json"}
 
 
@@ -335,9 +348,8 @@ def test_a_model_file_swapped_under_its_sidecar_is_refused(project, tmp_path):
     with pytest.raises(ValueError, match="does not describe"):
         load_model(tmp_path / "head.keras")
     # A consistent pair from a run with another backbone: refused by provenance.
-    expected = extract.feature_provenance(as_params(tiny_params(**{"backbone.name": "mobilenet_v2",
-                                                                   "backbone.weights": "none"})),
-                                          ["circle", "square", "stripes"])
+    other = as_params(tiny_params(**{"backbone.name": "mobilenet_v2", "backbone.weights": "none"}))
+    expected = feature_provenance(other.backbone, ["circle", "square", "stripes"])
     with pytest.raises(ProvenanceError,
                        match="backbone: artifact has 'efficientnet_lite0', params give 'mobilenet_v2'"):
         load_model(project.head, expected)

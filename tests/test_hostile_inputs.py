@@ -1,21 +1,19 @@
-"""Issue 4, hostile inputs: broken, odd and misplaced files, odd folders and bad params.
+"""Hostile inputs: broken, odd and misplaced files, odd folders and bad params.
 
 Every hostile file is made by the tests (Pillow or raw bytes): see conftest.make_hostile_folder.
 """
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import as_params, make_hostile_folder, make_images, tiny_params
 from PIL import Image
 
-from conftest import as_params, make_hostile_folder, make_images, tiny_params
 from pipeline import prepare
 from pipeline.demo_data import render
 from pipeline.features import FeatureSet
@@ -25,7 +23,7 @@ from pipeline.params import ParamsError, parse_params
 
 def _prepare(raw: Path, out: Path, workers=None, **overrides):
     params = as_params(tiny_params(str(raw), **overrides))
-    return prepare.run(raw, out / "manifest.csv", out / "classes.json", params.data,
+    return prepare.run(raw_dir=raw, manifest=out / "manifest.csv", classes_out=out / "classes.json", params=params.data,
                        quarantine=out / "quarantine.csv", workers=workers)
 
 
@@ -303,7 +301,7 @@ def test_new_params_defaults():
 def test_balanced_class_weights_follow_sklearns_formula():
     from sklearn.utils.class_weight import compute_class_weight
 
-    from pipeline.train_head import class_weights
+    from pipeline.models import class_weights
 
     y = np.array([0] * 30 + [1] * 10 + [2] * 5)
     got = class_weights(y, 3, "balanced")

@@ -1,8 +1,9 @@
+import dataclasses
 import re
 
 import pytest
-
 from conftest import ROOT, as_params, tiny_params
+
 from pipeline.params import ParamsError, load_params, parse_params
 
 
@@ -49,7 +50,7 @@ def test_bad_params_name_key_and_allowed_values(raw, needle):
 
 def test_params_are_frozen():
     p = as_params(tiny_params())
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         p.seed = 1  # type: ignore[misc]
 
 
@@ -57,4 +58,25 @@ def test_load_params_names_the_file(tmp_path):
     f = tmp_path / "params.yaml"
     f.write_text("head:\n  type: forest\n")
     with pytest.raises(ParamsError, match=r"params.yaml: head.type"):
+        load_params(f)
+
+
+@pytest.mark.parametrize("written, value", [("1e-4", 1e-4), ("3e-5", 3e-5), ("1E3", 1000.0), (".5", 0.5),
+                                            ("2.5e+3", 2500.0), ("3e-05", 3e-5), ("0.0001", 1e-4)])
+def test_numbers_written_the_usual_way_are_numbers(tmp_path, written, value):
+    """YAML 1.1 (PyYAML) reads 1e-4 as a string; DVC and users write YAML 1.2, where it is a float."""
+    text = (ROOT / "params.yaml").read_text()
+    text, n = re.subn(r"(?m)^(  learning_rate: ).*$", rf"\g<1>{written}", text)
+    assert n >= 1
+    f = tmp_path / "params.yaml"
+    f.write_text(text)
+    p = load_params(f)
+    assert p.finetune.learning_rate == pytest.approx(value)
+    assert isinstance(p.finetune.learning_rate, float)
+
+
+def test_a_string_that_looks_like_a_number_in_an_int_field_is_still_refused(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("extract:\n  batch_size: 1e3\n")
+    with pytest.raises(ParamsError, match=r"extract.batch_size: 1000.0 is not an integer"):
         load_params(f)

@@ -16,10 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from dvc_render.base import Renderer
-
 from conftest import ROOT, run_dvc
+from dvc_render.base import Renderer
 
 pytestmark = pytest.mark.slow
 

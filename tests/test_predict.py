@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT
 from sklearn.metrics import log_loss
 
-from conftest import ROOT
+from pipeline.manifest import read_manifest
 from pipeline.predict import collect_images, run
-from pipeline.prepare import read_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -30,13 +30,15 @@ def test_predictions_equal_evaluate_on_the_test_split(tiny_dvc_project: Path, tm
     test = [it for it in read_manifest(proj / "data" / "prepared" / "manifest.csv") if it.split == "test"]
     paths = [proj / "data" / "raw" / it.path for it in test]
     # Batches of 4 leave a last batch of 1 or more: every batch size must give the same numbers.
-    preds = run(paths, proj / "models" / "model.keras", tmp_path / "pred.csv", batch_size=4, progress=False)
+    preds = run(inputs=paths, model_path=proj / "models" / "model.keras", out=tmp_path / "pred.csv", batch_size=4,
+                progress=False)
     probs = np.stack([p.probs for p in preds])
     y = np.array([classes.index(it.label) for it in test])
     expected = json.loads((proj / "reports" / "metrics.json").read_text())["finetuned"]
     assert len(preds) == expected["n"]
     assert float(np.mean(probs.argmax(1) == y)) == pytest.approx(expected["accuracy"], abs=1e-12)
-    assert log_loss(y, np.clip(probs, 1e-7, 1), labels=range(len(classes))) == pytest.approx(expected["log_loss"], abs=1e-5)
+    loss = log_loss(y, np.clip(probs, 1e-7, 1), labels=range(len(classes)))
+    assert loss == pytest.approx(expected["log_loss"], abs=1e-5)
 
     rows = _read_csv(tmp_path / "pred.csv")
     assert list(rows[0]) == ["path", "predicted_class", "probability", *(f"prob_{c}" for c in classes), "error"]
@@ -50,7 +52,8 @@ def test_folder_with_unreadable_files_is_reported_not_fatal(tiny_dvc_project: Pa
     """The CLI on a folder: nested images predicted, broken files listed with their error, exit 0."""
     proj = tiny_dvc_project
     folder = tmp_path / "inbox"
-    good = sorted((proj / "data" / "raw" / "circle").glob("*.png"))[:2] + sorted((proj / "data" / "raw" / "stripes").glob("*.png"))[:1]
+    raw = proj / "data" / "raw"
+    good = sorted((raw / "circle").glob("*.png"))[:2] + sorted((raw / "stripes").glob("*.png"))[:1]
     (folder / "nested" / "deeper").mkdir(parents=True)
     shutil.copy(good[0], folder / "a.png")
     shutil.copy(good[1], folder / "nested" / "b.png")
@@ -87,7 +90,7 @@ def test_refuses_the_feature_head_and_missing_inputs(tiny_dvc_project: Path, tmp
     proj = tiny_dvc_project
     image = next((proj / "data" / "raw" / "square").glob("*.png"))
     with pytest.raises(ValueError, match="not images"):
-        run([image], proj / "models" / "head.keras", tmp_path / "x.csv", progress=False)
+        run(inputs=[image], model_path=proj / "models" / "head.keras", out=tmp_path / "x.csv", progress=False)
     with pytest.raises(FileNotFoundError, match="no such file"):
         collect_images([tmp_path / "nowhere"])
     assert not (tmp_path / "x.csv").exists()

@@ -2,9 +2,10 @@ import csv
 import json
 
 import pytest
-
 from conftest import as_params, make_images, tiny_params
-from pipeline.prepare import DatasetError, assign_split, run
+
+from pipeline.prepare import assign_split, run
+from pipeline.scanning import DatasetError
 
 
 def _manifest(path):
@@ -14,7 +15,7 @@ def _manifest(path):
 
 def _run(raw, out, **overrides):
     params = as_params(tiny_params(str(raw), **overrides))
-    return run(raw, out / "manifest.csv", out / "classes.json", params.data)
+    return run(raw_dir=raw, manifest=out / "manifest.csv", classes_out=out / "classes.json", params=params.data)
 
 
 def test_split_is_deterministic_and_covers_every_image(tmp_path):

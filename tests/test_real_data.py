@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, shared_dataset
+
 from pipeline import evaluate, extract, finetune, prepare, train_head
+from pipeline.manifest import SPLITS
 from pipeline.params import parse_params
 
 pytestmark = pytest.mark.realdata
@@ -27,23 +28,28 @@ def _params(raw_dir: Path, **sections):
 def _through_head(name: str, out: Path, **sections):
     raw = shared_dataset(name)
     params = _params(raw, **sections)
-    prepare.run(raw, out / "manifest.csv", out / "classes.json", params.data)
-    feats = {s: out / f"{s}.h5" for s in prepare.SPLITS}
+    prepare.run(raw_dir=raw, manifest=out / "manifest.csv", classes_out=out / "classes.json", params=params.data)
+    feats = {s: out / f"{s}.h5" for s in SPLITS}
     t0 = time.perf_counter()
-    speeds = extract.run(raw, out / "manifest.csv", out / "classes.json", feats, params)
+    speeds = extract.run(raw_dir=raw, manifest=out / "manifest.csv", classes_json=out / "classes.json", outs=feats,
+                         params=params)
     t_extract = time.perf_counter() - t0
-    head_metrics = train_head.run(feats["train"], feats["val"], out / "classes.json", out / "head.keras",
-                                  out / "head_metrics.json", out / "head_history.csv", params)
+    head_metrics = train_head.run(train_h5=feats["train"], val_h5=feats["val"], classes_json=out / "classes.json",
+                                  head_out=out / "head.keras", metrics_out=out / "head_metrics.json",
+                                  history_out=out / "head_history.csv", params=params)
     print(f"\n[{name}] extract {t_extract:.1f}s ({speeds}), head fit {head_metrics['fit_seconds']}s, "
           f"val acc {head_metrics['val']['accuracy']:.4f}")
     return raw, params, feats
 
 
 def _evaluate(raw, params, feats, out: Path, epochs: int):
-    finetune.run(raw, out / "manifest.csv", out / "classes.json", feats["val"], out / "head.keras",
-                 out / "model.keras", out / "ft_history.csv", out / "ft_metrics.json", params)
-    report = evaluate.run(raw, out / "classes.json", feats["test"], out / "head.keras", out / "model.keras",
-                          out / "metrics.json", out / "per_class.json", out / "plots", out / "mistakes.png", params)
+    finetune.run(raw_dir=raw, manifest=out / "manifest.csv", classes_json=out / "classes.json",
+                 val_features=feats["val"], head_path=out / "head.keras", model_out=out / "model.keras",
+                 history_out=out / "ft_history.csv", metrics_out=out / "ft_metrics.json", params=params)
+    report = evaluate.run(raw_dir=raw, classes_json=out / "classes.json", test_features=feats["test"],
+                          head_path=out / "head.keras", model_path=out / "model.keras",
+                          metrics_out=out / "metrics.json", per_class_out=out / "per_class.json",
+                          plots_dir=out / "plots", mistakes_out=out / "mistakes.png", params=params)
     ft = json.loads((out / "ft_metrics.json").read_text())
     print(f"test acc head {report['head']['accuracy']:.4f}, finetuned {report['finetuned']['accuracy']:.4f} "
           f"(n={report['head']['n']}, epochs={epochs}, kept epoch {ft['best_epoch']}, finetune {ft['seconds']}s)")

@@ -1,0 +1,87 @@
+"""Stage boundaries DVC can trust: dvc.yaml's deps and params are derived facts, not hand-kept lists.
+
+- a stage's code deps are exactly the pipeline/ modules its module imports, directly or through
+  others (pipeline.imports.import_closure), so an edit re-runs exactly the stages it can change;
+- a stage module imports no other stage module;
+- a stage's params are exactly what its module declares in PARAMS, and reading anything else fails;
+- the feature cache's key covers every module that decides feature values, and touching any of them
+  changes it.
+"""
+import importlib
+import re
+import shutil
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from pipeline.feature_cache import code_fingerprint, feature_code_files
+from pipeline.imports import import_closure
+from pipeline.params import ParamsError, load_params
+from pipeline.registry import REGISTRY
+
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def _module(stage: str) -> str:
+    m = re.match(r"python -m (pipeline\.\w+)", DVC[stage]["cmd"].strip())
+    assert m, f"stage {stage}: command does not run a pipeline module: {DVC[stage]['cmd']}"
+    return m.group(1)
+
+
+STAGE_MODULES = {stage: _module(stage) for stage in DVC}
+
+
+@pytest.mark.parametrize("stage", list(DVC))
+def test_code_deps_are_exactly_the_import_closure(stage):
+    listed = sorted(d for d in DVC[stage]["deps"] if d.startswith("pipeline/"))
+    assert listed == import_closure(STAGE_MODULES[stage]), f"dvc.yaml deps of {stage} differ from its imports"
+
+
+@pytest.mark.parametrize("stage", list(DVC))
+def test_a_stage_imports_no_other_stage(stage):
+    own = STAGE_MODULES[stage].replace(".", "/") + ".py"
+    others = {m.replace(".", "/") + ".py" for s, m in STAGE_MODULES.items() if s != stage}
+    assert not others & (set(import_closure(STAGE_MODULES[stage])) - {own})
+
+
+@pytest.mark.parametrize("stage", list(DVC))
+def test_declared_params_match_dvc_yaml(stage):
+    module = importlib.import_module(STAGE_MODULES[stage])
+    assert tuple(DVC[stage].get("params", [])) == module.PARAMS
+
+
+def test_reading_an_undeclared_param_fails_naming_the_stage():
+    params = load_params(ROOT / "params.yaml", "extract", ("backbone", "extract"))
+    assert params.extract.batch_size > 0 and params.backbone.name
+    with pytest.raises(ParamsError, match=r"stage extract read params 'seed'.*pipeline/extract.py"):
+        _ = params.seed
+    with pytest.raises(ParamsError, match=r"stage extract read params 'head'"):
+        _ = params.head.type
+
+
+def test_feature_code_covers_the_inference_path_and_the_backbone():
+    files = feature_code_files()
+    for f in ("pipeline/inference.py", "pipeline/backbones.py", "pipeline/registry.py", "pipeline/images.py",
+              "pipeline/datasets.py", "pipeline/efficientnet_lite.py", "pipeline/torch_legacy.py"):
+        assert f in files
+    assert files == import_closure("pipeline.backbones", "pipeline.inference")
+
+
+def test_touching_any_feature_module_changes_the_cache_key(tmp_path):
+    shutil.copytree(ROOT / "pipeline", tmp_path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    base = code_fingerprint(tmp_path)
+    assert base == code_fingerprint(ROOT)
+    for name in feature_code_files():
+        path = tmp_path / name
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n# touched\n")
+        assert code_fingerprint(tmp_path) != base, f"editing {name} does not change the feature cache key"
+        path.write_bytes(original)
+    assert code_fingerprint(tmp_path) == base
+
+
+def test_every_registered_backbone_is_documented():
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name in REGISTRY if f"`{name}`" not in readme]
+    assert not missing, f"README does not mention backbones {missing}"
