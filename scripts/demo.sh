@@ -1,13 +1,10 @@
 #!/usr/bin/env bash
-# One command: set up .venv, generate the synthetic demo images, run the whole pipeline with DVC.
+# One command: set up .venv, run the whole pipeline with DVC (its first stage generates the demo images).
 #   bash scripts/demo.sh
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 source scripts/setup.sh
-if [ ! -f data/demo/.demo-dataset ]; then
-  python -m pipeline.demo_data --out data/demo
-fi
 dvc repro
 echo
 echo "==> test-set metrics (reports/metrics.json; per class: reports/per_class.json):"
