@@ -88,7 +88,8 @@ def prefetched_batches(paths: Sequence[str], size: int, batch_size: int, lookahe
                        workers: Optional[int] = None) -> Iterator[np.ndarray]:
     """``(B, size, size, 3)`` uint8 batches in order, decoded ``lookahead`` batches ahead.
 
-    Extract's input path. Measured on 2 cores with efficientnet_lite0 at 224 px (compute
+    What :mod:`pipeline.inference` feeds its compiled model (this function alone measures
+    decode-only speed in bench/extract_bench.py). Measured on 2 cores with efficientnet_lite0 at 224 px (compute
     ceiling 98 img/s): tf.data + numpy_function yielding float32 gave 62 img/s, yielding
     uint8 89 img/s, this pool 96 img/s. uint8 batches are 4x less data to copy (the cast
     happens inside the compiled model).

@@ -73,8 +73,8 @@ def batched_outputs(infer: Infer, paths: Sequence[str], size: int, batch_size: i
         for decoded in decode_ahead(paths, batch_size, lambda p: _decode(p, size, tolerant)):
             images = [img for img, _ in decoded if img is not None]
             out = infer(np.stack(images)) if images else np.zeros((0,), np.float32)
+            bar.update(len(decoded))  # before the yield: a consumer may stop after the last batch
             yield out, [err for _, err in decoded]
-            bar.update(len(decoded))
 
 
 def predict_all(infer: Infer, paths: Sequence[str], size: int, batch_size: int, desc: str = "infer") -> np.ndarray:

@@ -1,0 +1,110 @@
+"""Fine-tuning benchmark: does the fine-tuned model beat the head on real photos?
+
+    python bench/finetune_bench.py                                   # flower_photos, hymenoptera, simpsons_dev
+    python bench/finetune_bench.py --datasets simpsons_dev -S finetune.learning_rate=3e-4 -S finetune.epochs=8
+
+For each dataset in ../shared/datasets (read in place, never copied) it runs the real stages
+prepare → extract → train_head → finetune → evaluate with params.yaml plus the ``-S key=value``
+overrides (values parsed as YAML), data.val_fraction 0.15 / test_fraction 0.2 as in
+tests/test_real_data.py (override with -S), and prints one table: head test accuracy / log
+loss, fine-tuned test accuracy / log loss, the kept epoch, the max val-loss rise of any
+fine-tune epoch over the head's (epoch 0) in %, and the fine-tune seconds. Head and
+fine-tune use the same split. Features go through the content-addressed cache in
+``--work``/features, so extraction is paid once per dataset. One JSON line per run is
+appended to ``--work``/results.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline import evaluate, extract, finetune, prepare, train_head  # noqa: E402
+from pipeline.io_utils import setup_logging  # noqa: E402
+from pipeline.manifest import SPLITS  # noqa: E402
+from pipeline.params import parse_params, parse_yaml  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "datasets"
+DEFAULT_DATASETS = ("flower_photos", "hymenoptera", "simpsons_dev")
+
+
+def set_key(raw: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    node = raw
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[last] = value
+
+
+def bench_one(name: str, overrides: list[str], work: Path, tag: str) -> dict:
+    raw_dir = SHARED / name
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["data"].update(raw_dir=str(raw_dir), val_fraction=0.15, test_fraction=0.2)
+    for item in overrides:
+        key, _, value = item.partition("=")
+        set_key(raw, key, parse_yaml(value))  # YAML 1.2 numbers, as dvc exp run -S
+    params = parse_params(raw)
+    out = work / "runs" / name
+    out.mkdir(parents=True, exist_ok=True)
+    prepare.run(raw_dir=raw_dir, manifest=out / "manifest.csv", classes_out=out / "classes.json", params=params.data)
+    feats = {s: out / f"{s}.h5" for s in SPLITS}
+    extract.run(raw_dir=raw_dir, manifest=out / "manifest.csv", classes_json=out / "classes.json", outs=feats,
+                params=params, cache_dir=work / "features")
+    train_head.run(train_h5=feats["train"], val_h5=feats["val"], classes_json=out / "classes.json",
+                   head_out=out / "head.keras", metrics_out=out / "head_metrics.json",
+                   history_out=out / "head_history.csv", params=params)
+    t0 = time.perf_counter()
+    ft = finetune.run(raw_dir=raw_dir, manifest=out / "manifest.csv", classes_json=out / "classes.json",
+                      val_features=feats["val"], head_path=out / "head.keras", model_out=out / "model.keras",
+                      history_out=out / "ft_history.csv", metrics_out=out / "ft_metrics.json", params=params)
+    seconds = time.perf_counter() - t0
+    report = evaluate.run(raw_dir=raw_dir, classes_json=out / "classes.json", test_features=feats["test"],
+                          head_path=out / "head.keras", model_path=out / "model.keras",
+                          metrics_out=out / "metrics.json", per_class_out=out / "per_class.json",
+                          plots_dir=out / "plots", mistakes_out=out / "mistakes.png", params=params)
+    with open(out / "ft_history.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    val_losses = [float(r["val_loss"]) for r in rows]
+    rise = max(0.0, max(v / val_losses[0] - 1 for v in val_losses[1:])) * 100 if len(val_losses) > 1 else 0.0
+    result = {
+        "tag": tag, "dataset": name, "overrides": overrides,
+        "n_test": report["head"]["n"],
+        "head_acc": report["head"]["accuracy"], "head_loss": report["head"]["log_loss"],
+        "ft_acc": report["finetuned"]["accuracy"], "ft_loss": report["finetuned"]["log_loss"],
+        "kept_epoch": ft["best_epoch"], "max_val_rise_pct": rise, "seconds": round(seconds, 1),
+        "val_losses": val_losses, "val_accs": [float(r["val_accuracy"]) for r in rows],
+    }
+    with open(work / "results.jsonl", "a") as f:
+        f.write(json.dumps(result) + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", nargs="+", default=list(DEFAULT_DATASETS))
+    ap.add_argument("-S", dest="overrides", action="append", default=[], help="params override key=value (YAML)")
+    ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "finetune_bench")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args(argv)
+    setup_logging()
+    results = [bench_one(d, args.overrides, args.work, args.tag) for d in args.datasets]
+    print(f"\noverrides: {' '.join(args.overrides) or '(params.yaml defaults)'}")
+    print("| data (test n) | head acc / log loss | fine-tuned acc / log loss | kept epoch | max val-loss rise | s |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['dataset']} ({r['n_test']}) | {r['head_acc']:.4f} / {r['head_loss']:.3f} | "
+              f"{r['ft_acc']:.4f} / {r['ft_loss']:.3f} | {r['kept_epoch']} | {r['max_val_rise_pct']:+.1f} % | "
+              f"{r['seconds']:.0f} |")
+        print(f"    val loss per epoch: {' '.join(f'{v:.3f}' for v in r['val_losses'])}")
+
+
+if __name__ == "__main__":
+    main()
