@@ -5,8 +5,8 @@
 
 For each dataset in ../shared/datasets (read in place, never copied) it runs the real stages
 prepare → extract → train_head → finetune → evaluate with params.yaml plus the ``-S key=value``
-overrides (values parsed as YAML), data.val_fraction 0.15 / test_fraction 0.2 as in
-tests/test_real_data.py (override with -S), and prints one table: head test accuracy / log
+overrides (values parsed as YAML; the split is params.yaml's, -S data.test_fraction=... to change it),
+and prints one table: head test accuracy / log
 loss, fine-tuned test accuracy / log loss, the kept epoch, the max val-loss rise of any
 fine-tune epoch over the head's (epoch 0) in %, and the fine-tune seconds. Head and
 fine-tune use the same split. Features go through the content-addressed cache in
@@ -47,7 +47,7 @@ def set_key(raw: dict, dotted: str, value) -> None:
 def bench_one(name: str, overrides: list[str], work: Path, tag: str) -> dict:
     raw_dir = SHARED / name
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["data"].update(raw_dir=str(raw_dir), val_fraction=0.15, test_fraction=0.2)
+    raw["data"]["raw_dir"] = str(raw_dir)
     for item in overrides:
         key, _, value = item.partition("=")
         set_key(raw, key, parse_yaml(value))  # YAML 1.2 numbers, as dvc exp run -S

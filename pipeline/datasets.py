@@ -6,12 +6,10 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, Optional, Sequence, TypeVar
 
-import keras
 import numpy as np
 import tensorflow as tf
 
 from pipeline.images import load_image
-from pipeline.params import AugmentParams
 
 T = TypeVar("T")
 
@@ -44,21 +42,6 @@ def image_dataset(paths: Sequence[str], size: int, batch_size: int, labels: Opti
     else:
         ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-
-
-def build_augmentation(params: AugmentParams, seed: int) -> Optional[keras.Model]:
-    """Random flip / rotation / zoom / translation on ``(B, S, S, 3)`` float32; None if all off."""
-    layers = []
-    if params.flip:
-        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
-    if params.rotation > 0:
-        layers.append(keras.layers.RandomRotation(params.rotation, fill_mode="reflect", seed=seed + 1))
-    if params.zoom > 0:
-        layers.append(keras.layers.RandomZoom(params.zoom, fill_mode="reflect", seed=seed + 2))
-    if params.translation > 0:
-        layers.append(keras.layers.RandomTranslation(params.translation, params.translation,
-                                                     fill_mode="reflect", seed=seed + 3))
-    return keras.Sequential(layers, name="augment") if layers else None
 
 
 def decode_ahead(paths: Sequence[str], batch_size: int, fn: Callable[[str], T], lookahead: int = 3,

@@ -117,8 +117,8 @@ def run(*, raw_dir: Path, classes_json: Path, test_features: Path, head_path: Pa
     paths = [str(raw_dir / q) for q in test.paths]
     probs = {
         "head": head.predict(test.features, batch_size=1024, verbose=0),
-        "finetuned": predict_all(compile_uint8(model, size), paths, size, params.evaluate.batch_size,
-                                 desc="evaluate"),
+        "finetuned": predict_all(compile_uint8(model, size, params.evaluate.batch_size), paths, size,
+                                 params.evaluate.batch_size, desc="evaluate"),
     }
     y = test.labels
     report = {name: classification_metrics(y, probs[name], classes) for name in MODELS}

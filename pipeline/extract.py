@@ -11,6 +11,8 @@ and ``extract.gpu_batch_size``.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import tempfile
 import time
@@ -22,18 +24,20 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pipeline.augment import augment as augment_images
+from pipeline.augment import view_key
 from pipeline.backbones import build_backbone, feature_provenance, image_size
 from pipeline.feature_cache import FeatureCache, file_digests, model_key
 from pipeline.features import create_feature_file
-from pipeline.inference import batched_outputs, compile_uint8
+from pipeline.inference import batched_images, batched_outputs, compile_uint8
 from pipeline.io_utils import atomic_path, library_versions, read_json, setup_logging, user_errors, write_json
 from pipeline.manifest import SPLITS, read_manifest
-from pipeline.params import Params, load_params
+from pipeline.params import AugmentParams, Params, as_dict, load_params
 
 log = logging.getLogger(__name__)
 
 # The params this stage reads: exactly its `params:` in dvc.yaml (a test checks both agree).
-PARAMS = ("backbone", "extract")
+PARAMS = ("backbone", "augment", "extract")
 
 # Features are committed to the cache every this many images: what a kill -9 can lose.
 CHUNK_IMAGES = 256
@@ -50,7 +54,7 @@ def compute_missing(backbone: keras.Model, cache: FeatureCache, paths: list[str]
             todo[digest] = path
     if not todo:
         return 0, 0.0
-    infer = compile_uint8(backbone, size)  # traced before the clock starts: a one-off, not throughput
+    infer = compile_uint8(backbone, size, batch_size)  # traced before the clock starts: a one-off
     todo_digests, todo_paths = list(todo), list(todo.values())
     pending_d: list[bytes] = []
     pending_f: list[np.ndarray] = []
@@ -70,16 +74,65 @@ def compute_missing(backbone: keras.Model, cache: FeatureCache, paths: list[str]
     return done, time.perf_counter() - t0
 
 
+def view_digest(digest: bytes, view: int, spec: str) -> bytes:
+    """Cache key of view ``view`` of an image: its content digest, the view index and the augment params."""
+    return hashlib.sha256(b"view\0" + digest + view.to_bytes(4, "little") + spec.encode()).digest()
+
+
+def compute_missing_views(backbone: keras.Model, cache: FeatureCache, paths: list[str], digests: list[bytes],
+                          views: int, augment: AugmentParams, size: int, batch_size: int) -> tuple[int, float]:
+    """Features of the augmented views (:mod:`pipeline.augment`) that are not cached; returns (views computed,
+    seconds). Each image is decoded once for all of its missing views."""
+    spec = augment_spec(augment)
+    todo: dict[bytes, tuple[str, list[int]]] = {}
+    for path, digest in zip(paths, digests):
+        missing = [k for k in range(views) if view_digest(digest, k, spec) not in cache]
+        if missing and digest not in todo:
+            todo[digest] = (path, missing)
+    if not todo:
+        return 0, 0.0
+    infer = compile_uint8(backbone, size, batch_size, tf.float32)
+    items = list(todo.items())
+    pending_d: list[bytes] = []
+    pending_f: list[np.ndarray] = []
+    done, start = 0, 0
+    t0 = time.perf_counter()
+    for images, _ in batched_images([path for _, (path, _) in items], size, batch_size, desc="views"):
+        batch = items[start:start + len(images)]
+        start += len(images)
+        for k in range(views):
+            rows = [i for i, (_, (_, missing)) in enumerate(batch) if k in missing]
+            if not rows:
+                continue
+            keys = [view_key(batch[i][0], k) for i in rows]
+            pending_f.append(infer(augment_images(images[rows], augment, keys).numpy()))
+            pending_d.extend(view_digest(batch[i][0], k, spec) for i in rows)
+            done += len(rows)
+        if len(pending_d) >= CHUNK_IMAGES:
+            cache.add_chunk(pending_d, np.concatenate(pending_f))
+            pending_d, pending_f = [], []
+    cache.add_chunk(pending_d, np.concatenate(pending_f) if pending_f else np.zeros((0, cache.dim)))
+    return done, time.perf_counter() - t0
+
+
+def augment_spec(augment: AugmentParams) -> str:
+    return json.dumps(as_dict(augment), sort_keys=True)
+
+
 def write_split(out: Path, cache: FeatureCache, digests: list[bytes], labels: list[int], rel_paths: list[str],
-                attrs: dict) -> None:
-    """Stream one split's features from the cache into ``out`` (atomically)."""
+                attrs: dict, views: int = 0, spec: str = "") -> None:
+    """Stream one split's features (and ``views`` augmented views per image) from the cache into ``out``
+    (atomically)."""
     with atomic_path(out) as tmp:
         with h5py.File(tmp, "w") as h5:
             feats = create_feature_file(h5, len(digests), cache.dim, labels, rel_paths,
-                                        {**attrs, "complete": False}, chunk_rows=WRITE_BLOCK)
+                                        {**attrs, "complete": False}, chunk_rows=WRITE_BLOCK, views=views)
             for start in range(0, len(digests), WRITE_BLOCK):
                 block = digests[start:start + WRITE_BLOCK]
                 feats[start:start + len(block)] = cache.get_many(block)
+                for k in range(views):
+                    h5["views"][start:start + len(block), k] = cache.get_many(
+                        [view_digest(d, k, spec) for d in block])
             h5.attrs["complete"] = True
 
 
@@ -104,26 +157,38 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, outs: dict[str, Pa
     versions = library_versions()
     prov = feature_provenance(params.backbone, classes)
     precision = "mixed_float16" if gpus else "float32"
-    key, desc = model_key({**prov, "preprocessing": f"{prov['preprocessing']};{precision}"}, versions)
-    attrs = {**prov, **versions, "feature_dim": dim, "precision": precision, "cache_key": key}
+    # The batch shape is in the key: features are bit-identical at one shape, not across shapes.
+    key, desc = model_key({**prov, "preprocessing": f"{prov['preprocessing']};{precision};batch{batch_size}"},
+                          versions)
+    attrs = {**prov, **versions, "feature_dim": dim, "precision": precision, "batch_size": batch_size,
+             "cache_key": key}
 
     t0 = time.perf_counter()
     paths = [str(raw_dir / it.path) for it in items]
     digests = file_digests(paths)
+    views = params.extract.augmented_views
+    spec = augment_spec(params.augment)
+    train_rows = [i for i, it in enumerate(items) if it.split == "train"]
     with tempfile.TemporaryDirectory(prefix="feature-cache-") as scratch:
         cache = FeatureCache(cache_dir if cache_dir is not None else Path(scratch), key, desc, dim)
         cached_before = sum(1 for d in set(digests) if d in cache)
         computed, seconds = compute_missing(backbone, cache, paths, digests, size, batch_size)
+        views_computed, view_seconds = compute_missing_views(
+            backbone, cache, [paths[i] for i in train_rows], [digests[i] for i in train_rows], views,
+            params.augment, size, batch_size) if views and "train" in outs else (0, 0.0)
         for split, out in outs.items():
             rows = [i for i, it in enumerate(items) if it.split == split]
+            k = views if split == "train" else 0
             write_split(out, cache, [digests[i] for i in rows], [index[items[i].label] for i in rows],
-                        [items[i].path for i in rows], {**attrs, "split": split})
-            log.info("%s: %d images → %s", split, len(rows), out)
+                        [items[i].path for i in rows],
+                        {**attrs, "split": split, "augmented_views": k, "augment": spec if k else ""}, k, spec)
+            log.info("%s: %d images%s → %s", split, len(rows), f" + {k} augmented views each" if k else "", out)
     total = time.perf_counter() - t0
     result = {
         "images": len(items), "computed": computed, "reused": cached_before,
         "images_per_second": round(computed / seconds, 2) if seconds > 0 else None,
-        "compute_seconds": round(seconds, 2), "total_seconds": round(total, 2),
+        "compute_seconds": round(seconds, 2), "augmented_views_computed": views_computed,
+        "augmented_views_seconds": round(view_seconds, 2), "total_seconds": round(total, 2),
         "device": "GPU" if gpus else "CPU", "batch_size": batch_size,
     }
     log.info("%d images: %d computed (%s img/s), %d unique reused from the cache, %.1fs in all",

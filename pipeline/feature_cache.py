@@ -36,10 +36,10 @@ log = logging.getLogger(__name__)
 
 DIGEST_BYTES = 32
 MAX_MAPPED_CHUNKS = 4
-# The modules whose code decides the feature values: the backbone builder and the image →
-# output path, with everything they import (derived, never listed by hand). An edit to any of
-# them invalidates the cache.
-FEATURE_CODE = ("pipeline.backbones", "pipeline.inference")
+# The modules whose code decides the feature values: the backbone builder, the image → output
+# path and the augmentation of cached views, with everything they import (derived, never
+# listed by hand). An edit to any of them invalidates the cache.
+FEATURE_CODE = ("pipeline.backbones", "pipeline.inference", "pipeline.augment")
 
 
 def file_digests(paths: Sequence[str], workers: int = 4) -> list[bytes]:

@@ -1,7 +1,9 @@
 """Cached bottleneck features in HDF5, with provenance that readers check.
 
 Layout of ``features/<split>.h5``: ``features`` (N, D) float32, ``labels`` (N,) int64 class
-indices, ``paths`` (N,) UTF-8 paths relative to ``data.raw_dir``; attrs: the provenance of
+indices, ``paths`` (N,) UTF-8 paths relative to ``data.raw_dir``, and in the train split
+``views`` (N, K, D) float32, the features of ``extract.augmented_views`` = K augmented views of
+each image (attrs ``augmented_views``, ``augment``); attrs: the provenance of
 :func:`pipeline.backbones.backbone_provenance` plus class names and library versions.
 """
 from __future__ import annotations
@@ -30,6 +32,8 @@ class FeatureSet:
     labels: np.ndarray  # (N,) int64
     paths: list[str]
     attrs: dict
+    # (N, K, D) float32 features of K augmented views of each image (train split), or None.
+    views: "np.ndarray | None" = None
 
 
 def encode_attrs(attrs: dict) -> dict:
@@ -65,10 +69,13 @@ def check_provenance(source: str, found: dict, expected: dict, fix: str) -> None
 
 
 def create_feature_file(h5: h5py.File, n: int, dim: int, labels: Sequence[int], paths: Sequence[str],
-                        attrs: dict, chunk_rows: int) -> h5py.Dataset:
-    """Create the datasets of an open (temporary) file; features are filled in chunks later."""
+                        attrs: dict, chunk_rows: int, views: int = 0) -> h5py.Dataset:
+    """Create the datasets of an open (temporary) file; features (and ``views``) are filled in chunks later."""
     feats = h5.create_dataset("features", shape=(n, dim), dtype="float32",
                               chunks=(max(1, min(chunk_rows, n)), dim) if n else None)
+    if views:
+        h5.create_dataset("views", shape=(n, views, dim), dtype="float32",
+                          chunks=(max(1, min(chunk_rows, n)), views, dim) if n else None)
     h5.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
     h5.create_dataset("paths", data=list(paths), dtype=h5py.string_dtype("utf-8"))
     h5.attrs.update(encode_attrs(attrs))
@@ -92,6 +99,7 @@ def read_features(path: str | Path, expected: dict | None = None) -> FeatureSet:
                 labels=h5["labels"][...],
                 paths=[p.decode() if isinstance(p, bytes) else p for p in h5["paths"][...]],
                 attrs=attrs,
+                views=h5["views"][...] if "views" in h5 else None,
             )
     except (OSError, KeyError) as exc:  # h5py: truncated/corrupt file, or a dataset missing
         raise ProvenanceError(

@@ -60,6 +60,9 @@ class BackboneParams:
 class ExtractParams:
     batch_size: int = field(default=32, metadata=_range(1, 4096))
     gpu_batch_size: int = field(default=256, metadata=_range(1, 65536))
+    # Augmented views (params ``augment``) of every training image whose features are cached
+    # too, so the head is fitted on what fine-tuning trains on.
+    augmented_views: int = field(default=4, metadata=_range(0, 64))
 
 
 @dataclass(frozen=True)
@@ -99,14 +102,29 @@ class AugmentParams:
 class FinetuneParams:
     epochs: int = field(default=3, metadata=_range(0, 10000))
     unfreeze_from: str = "block6a_expand_conv"
+    # sgd: momentum SGD; adam; adamw: Adam with decoupled weight decay (finetune.weight_decay).
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    # Peak learning rate (reached after the warm-up).
     learning_rate: float = field(default=1e-4, metadata=_range(0.0, 1.0, lo_open=True))
+    # Linear warm-up from 0 over this many epochs (fractions allowed), then ``schedule``.
+    warmup_epochs: float = field(default=1.0, metadata=_range(0.0, None))
+    schedule: Literal["constant", "cosine"] = "cosine"
     momentum: float = field(default=0.9, metadata=_range(0.0, 1.0, hi_open=True))
+    weight_decay: float = field(default=0.0, metadata=_range(0.0, 1.0, hi_open=True))
+    # Time constant, in epochs, of the exponential moving average of the weights that is
+    # validated and kept; 0 = no average (the trained weights themselves).
+    ema_epochs: float = field(default=0.0, metadata=_range(0.0, None))
     batch_size: int = field(default=16, metadata=_range(1, 4096))
     patience: int = field(default=3, metadata=_range(1, None))
     class_weight: Literal["none", "balanced"] = "none"
     # Continue from the per-epoch checkpoint when it belongs to this very run (see finetune).
     resume: bool = True
-    augment: AugmentParams = AugmentParams()
+
+    def __post_init__(self) -> None:
+        if self.weight_decay > 0 and self.optimizer == "adam":
+            raise ParamsError(
+                "finetune.weight_decay applies to optimizer sgd or adamw (decoupled decay), not adam; "
+                "set finetune.optimizer: adamw, or finetune.weight_decay: 0")
 
 
 @dataclass(frozen=True)
@@ -120,6 +138,7 @@ class Params:
     seed: int = 42
     data: DataParams = DataParams()
     backbone: BackboneParams = BackboneParams()
+    augment: AugmentParams = AugmentParams()
     extract: ExtractParams = ExtractParams()
     head: HeadParams = HeadParams()
     finetune: FinetuneParams = FinetuneParams()
@@ -225,6 +244,10 @@ def parse_yaml(text: str) -> Any:
 
 def parse_params(raw: dict | None) -> Params:
     """Validate a params mapping (as loaded from YAML) into :class:`Params`."""
+    finetune = (raw or {}).get("finetune")
+    if isinstance(finetune, dict) and "augment" in finetune:
+        raise ParamsError("finetune.augment is now the top-level section augment (extract's cached views and "
+                          "finetune share it): move it out of finetune, unindented")
     return _build(Params, raw or {})
 
 

@@ -103,7 +103,7 @@ def run(*, inputs: Sequence[str | Path], model_path: Path = DEFAULT_MODEL, out: 
     if not paths:
         raise PipelineError(f"no images to predict in {', '.join(map(str, inputs))}")
     log.info("%d images, model %s (%d classes, %d px)", len(paths), model_path, len(classes), size)
-    preds = list(predict_paths(compile_uint8(model, size), paths, size, batch_size, progress))
+    preds = list(predict_paths(compile_uint8(model, size, batch_size), paths, size, batch_size, progress))
     header, rows = prediction_rows(preds, classes)
     write_csv(out, header, rows)
     failed = [p for p in preds if p.probs is None]

@@ -5,16 +5,16 @@ A resumed run must compute exactly what an uninterrupted run computes, so nothin
 shapes epoch ``e`` may depend on what happened in the process before it:
 
 - the order of the training images in epoch ``e`` is a permutation drawn from
-  ``(seed, e)``, and its augmentation layers are seeded from ``(seed, e)`` (not a shuffle
-  buffer or seed generators whose state runs on from epoch to epoch);
-- augmentation runs batch after batch in order: Keras' random layers advance a seed
-  generator on each call, so parallel map calls would race on it;
+  ``(seed, e)``, and image ``i``'s augmentation is drawn from ``(seed, e, i)`` alone
+  (:mod:`pipeline.augment`; no shuffle buffer or seed generator whose state runs on from
+  epoch to epoch);
 - the checkpoint holds every model variable (weights and the head's dropout seed state),
   every optimizer variable (momentum, iteration count), the history so far, the best epoch
   with its weights and the early-stopping counter.
 
 A checkpoint is used only when its fingerprint matches the current run: the params that
-shape training (all of ``finetune`` except ``epochs`` and ``resume``, the seed, the backbone
+shape training (all of ``finetune`` except ``resume``, and except ``epochs`` under a constant
+learning rate; ``augment``, the seed, the backbone
 provenance), the head file, every train/val image's bytes and label, and the library
 versions. Anything else starts from epoch 0, with a log line saying why.
 """
@@ -33,7 +33,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline.datasets import build_augmentation, image_dataset
+from pipeline.augment import augment as augment_images
+from pipeline.datasets import image_dataset
 from pipeline.io_utils import atomic_path, library_versions, sha256_file
 from pipeline.params import AugmentParams, Params, as_dict
 
@@ -58,38 +59,38 @@ class TrainState:
 def fingerprint(params: Params, provenance: dict, head_path: Path, raw_dir: Path,
                 items: Sequence[tuple[str, str, str]]) -> str:
     """sha256 of everything that shapes the training trajectory; ``items`` (path, label, split)."""
-    p = {k: v for k, v in as_dict(params.finetune).items() if k not in ("epochs", "resume")}
+    # More epochs continue the same run, unless the learning-rate curve depends on their number.
+    ignored = ("epochs", "resume") if params.finetune.schedule == "constant" else ("resume",)
+    p = {k: v for k, v in as_dict(params.finetune).items() if k not in ignored}
     images = hashlib.sha256()
     for path, label, split in sorted(items):
         images.update(json.dumps([path, label, split, sha256_file(raw_dir / path)]).encode())
-    doc = {"format": FORMAT, "finetune": p, "seed": params.seed, "provenance": provenance,
+    doc = {"format": FORMAT, "finetune": p, "augment": as_dict(params.augment), "seed": params.seed,
+           "provenance": provenance,
            "head_sha256": sha256_file(head_path), "images": images.hexdigest(), "versions": library_versions()}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The augmentation seed of one epoch (0-based): a function of (seed, epoch) only."""
-    return int(np.random.default_rng([seed, epoch, 1]).integers(0, 2**31 - 16))
 
 
 def training_stream(paths: Sequence[str], labels: Sequence[int], size: int, batch_size: int,
                     augment: AugmentParams, seed: int, first_epoch: int, epochs: int) -> tuple[tf.data.Dataset, int]:
     """Training batches of epochs ``first_epoch`` .. ``epochs - 1``, back to back → (dataset, steps per epoch).
 
-    Batches are ``(B, size, size, 3)`` float32 [0, 255] images and ``(B,)`` int64 labels.
-    Pass the steps to ``fit(steps_per_epoch=...)``: Keras then reads one iterator across
-    epochs, so epoch ``e`` gets exactly its own batches.
+    Batches are ``(B, size, size, 3)`` float32 [0, 255] images, augmented by
+    :func:`pipeline.augment.augment` with image ``i``'s view of epoch ``e`` keyed by
+    (seed, e, i), and ``(B,)`` int64 labels. Pass the steps to ``fit(steps_per_epoch=...)``:
+    Keras then reads one iterator across epochs, so epoch ``e`` gets exactly its own batches.
     """
     n = len(paths)
     steps = math.ceil(n / batch_size)
+    salt = seed % 2**32
 
     def batches() -> Iterator[tuple[tf.Tensor, tf.Tensor]]:
         for e in range(first_epoch, epochs):
-            order = np.random.default_rng([seed, e]).permutation(n)
+            order = np.random.default_rng([salt, e]).permutation(n)
             ds = image_dataset([paths[i] for i in order], size, batch_size, labels=[labels[i] for i in order])
-            aug = build_augmentation(augment, epoch_seed(seed, e))
-            for x, y in ds:
-                yield (aug(x, training=True) if aug is not None else x), y
+            for b, (x, y) in enumerate(ds):
+                keys = [[salt, e, int(i)] for i in order[b * batch_size:b * batch_size + len(y)]]
+                yield augment_images(x, augment, keys), y
 
     spec = (tf.TensorSpec((None, size, size, 3), tf.float32), tf.TensorSpec((None,), tf.int64))
     return tf.data.Dataset.from_generator(batches, output_signature=spec).prefetch(2), steps
@@ -160,13 +161,23 @@ def restore_checkpoint(path: Path, fp: str, model: keras.Model, initial_weights:
             if state.best_epoch == 0:
                 state.best_weights = initial_weights
             elif state.best_epoch == state.epoch:
-                state.best_weights = model.get_weights()
+                state.best_weights = kept_weights(model)
             else:
                 state.best_weights = [h5["best"][str(i)][...] for i in range(len(h5["best"]))]
     except (OSError, KeyError, ValueError, TypeError) as exc:
         log.warning("cannot resume from %s (%s): starting at epoch 0", path, exc)
         return None
     return state
+
+
+def kept_weights(model: keras.Model) -> list:
+    """``model.get_weights()``, with the optimizer's moving averages in place of the trained
+    weights when it keeps an EMA (``finetune.ema_epochs``): the weights that were validated."""
+    opt = getattr(model, "optimizer", None)
+    if opt is None or not getattr(opt, "use_ema", False) or not opt.built:
+        return model.get_weights()
+    averages = {id(v): a for v, a in zip(opt._trainable_variables, opt._model_variables_moving_average)}
+    return [averages[id(v)].numpy() if id(v) in averages else v.numpy() for v in model.weights]
 
 
 class Tracker(keras.callbacks.Callback):
@@ -188,7 +199,7 @@ class Tracker(keras.callbacks.Callback):
                        float(logs["val_accuracy"])])
         s.epoch = epoch + 1
         if val_loss < s.best_loss:
-            s.best_loss, s.best_epoch, s.best_weights, s.wait = val_loss, epoch + 1, self.model.get_weights(), 0
+            s.best_loss, s.best_epoch, s.best_weights, s.wait = val_loss, epoch + 1, kept_weights(self.model), 0
         else:
             s.wait += 1
             if s.wait >= self.patience:

@@ -44,16 +44,32 @@ def feature_scale(features: np.ndarray) -> float:
     return rms if rms > 0 else 1.0
 
 
+def training_rows(train: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
+    """The head's training set: every image's features and those of its augmented views → (X (M, D), y (M,)).
+
+    With ``extract.augmented_views`` = K the head sees each image K + 1 times, as fine-tuning
+    will (augmented): a head fitted on clean features alone is at ~100 % training accuracy and
+    meets augmented images for the first time in fine-tuning, whose first epoch then spends
+    itself re-fitting the head and pulls the backbone away from what it knew.
+    """
+    if train.views is None or train.views.shape[1] == 0:
+        return train.features, train.labels
+    k = train.views.shape[1]
+    x = np.concatenate([train.features[:, None, :], train.views], axis=1).reshape(-1, train.features.shape[1])
+    return x, np.repeat(train.labels, k + 1)
+
+
 def fit_logreg(train: FeatureSet, val: FeatureSet, n_classes: int, params: Params) -> tuple[keras.Model, list]:
     """Scaled features + LogisticRegression → an equivalent Keras head."""
     p = params.head.logreg
-    dim = train.features.shape[1]
-    mean, scale = np.zeros(dim), np.full(dim, feature_scale(train.features))
+    x, y = training_rows(train)
+    dim = x.shape[1]
+    mean, scale = np.zeros(dim), np.full(dim, feature_scale(x))
     clf = LogisticRegression(C=p.C, max_iter=p.max_iter, random_state=params.seed,
-                             class_weight=class_weights(train.labels, n_classes, params.head.class_weight))
+                             class_weight=class_weights(y, n_classes, params.head.class_weight))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        clf.fit(train.features.astype(np.float64) / scale, train.labels)
+        clf.fit(x.astype(np.float64) / scale, y)
     if any(issubclass(w.category, ConvergenceWarning) for w in caught):
         log.warning("logistic regression did not converge in head.logreg.max_iter=%d iterations; raise it", p.max_iter)
     if list(clf.classes_) != list(range(n_classes)):
@@ -74,13 +90,14 @@ def fit_logreg(train: FeatureSet, val: FeatureSet, n_classes: int, params: Param
 def fit_dense(train: FeatureSet, val: FeatureSet, n_classes: int, params: Params) -> tuple[keras.Model, list]:
     p = params.head.dense
     keras.utils.set_random_seed(params.seed)
-    head = build_head(train.features.shape[1], n_classes, p.hidden_units, p.dropout, seed=params.seed)
+    x, y = training_rows(train)
+    head = build_head(x.shape[1], n_classes, p.hidden_units, p.dropout, seed=params.seed)
     head.compile(optimizer=keras.optimizers.Adam(p.learning_rate), loss="sparse_categorical_crossentropy",
                  metrics=["accuracy"])
     hist = head.fit(
-        train.features, train.labels, validation_data=(val.features, val.labels), epochs=p.epochs,
+        x, y, validation_data=(val.features, val.labels), epochs=p.epochs,
         batch_size=p.batch_size, shuffle=True, verbose=2,
-        class_weight=class_weights(train.labels, n_classes, params.head.class_weight),
+        class_weight=class_weights(y, n_classes, params.head.class_weight),
         callbacks=[keras.callbacks.EarlyStopping("val_loss", patience=p.patience, restore_best_weights=True)],
     )
     h = hist.history
@@ -117,7 +134,7 @@ def run(*, train_h5: Path, val_h5: Path, classes_json: Path, head_out: Path, met
     head_params = getattr(params.head, params.head.type)
     save_model(head, head_out, {
         "kind": "head", "head_type": params.head.type, "head_params": as_dict(head_params), "seed": params.seed,
-        "class_weight": params.head.class_weight,
+        "class_weight": params.head.class_weight, "augmented_views": int(train.attrs.get("augmented_views", 0)),
         "class_names": classes, "feature_dim": int(train.features.shape[1]),
         "provenance": expected, "versions": library_versions(),
     })

@@ -36,6 +36,7 @@ def tiny_params(raw_dir: str = "data/raw", **overrides) -> dict:
     raw["data"]["test_fraction"] = 0.25
     raw["backbone"]["image_size"] = 64
     raw["extract"]["batch_size"] = 8
+    raw["extract"]["augmented_views"] = 1  # the views path runs everywhere, at the cost of one view
     raw["finetune"]["epochs"] = 1
     raw["finetune"]["batch_size"] = 8
     for dotted, value in overrides.items():

@@ -75,7 +75,7 @@ def test_other_image_size_does_not_reuse_features(tmp_path):
 
 
 def test_small_chunks_give_the_same_files(tmp_path, monkeypatch):
-    raw, params = _setup(tmp_path)
+    raw, params = _setup(tmp_path, **{"extract.augmented_views": 0})
     _, big = _extract(raw, params, tmp_path / "big", tmp_path / "c1")
     monkeypatch.setattr(extract, "CHUNK_IMAGES", 5)
     monkeypatch.setattr(extract, "WRITE_BLOCK", 4)

@@ -38,7 +38,13 @@ def test_every_param_in_params_yaml_has_a_comment():
     ({"data": {"val_fraction": 1.5}}, "data.val_fraction: 1.5 is out of range"),
     ({"data": {"val_fraction": 0.6, "test_fraction": 0.5}}, "leaves nothing to train on"),
     ({"extract": {"batch_size": "32"}}, "extract.batch_size: '32' is not an integer"),
-    ({"finetune": {"augment": {"flip": 1}}}, "finetune.augment.flip: 1 is not true or false"),
+    ({"augment": {"flip": 1}}, "augment.flip: 1 is not true or false"),
+    ({"finetune": {"augment": {"flip": True}}}, "finetune.augment is now the top-level section augment"),
+    ({"finetune": {"optimizer": "rmsprop"}}, "finetune.optimizer: 'rmsprop' is not allowed; use one of 'sgd', "
+                                             "'adam', 'adamw'"),
+    ({"finetune": {"weight_decay": 0.01}}, "finetune.weight_decay applies to optimizer sgd or adamw"),
+    ({"finetune": {"ema_epochs": -1}}, "finetune.ema_epochs: -1.0 is out of range"),
+    ({"extract": {"augmented_views": 100}}, "extract.augmented_views: 100 is out of range"),
     ({"finetune": {"learning_rate": 0}}, "finetune.learning_rate: 0.0 is out of range"),
     ({"sed": 1}, "unknown key sed"),
 ])
