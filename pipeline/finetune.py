@@ -132,35 +132,24 @@ def learning_rate_schedule(p: FinetuneParams, steps_per_epoch: int) -> keras.opt
 
 
 def build_optimizer(p: FinetuneParams, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    """``finetune.optimizer`` with the warm-up + decay schedule.
+    """``finetune.optimizer`` (sgd with momentum, adam or adamw) with the warm-up + decay schedule.
 
-    Why Adam is the default: with BatchNormalization frozen (inference statistics), a conv
-    weight's effect on its block's output is scaled by its BN factor gamma / sqrt(var + eps),
-    which spans 0.15 to 48 in EfficientNet-Lite0's top blocks. SGD's step on that weight grows
-    with the factor too, so the output change goes with its square: a 10^5 spread of effective
-    learning rates, where the depthwise channels with large factors jump at any learning rate
-    that moves the rest. Adam normalizes each weight's step, leaving the factor only once.
+    Measured on simpsons_dev (README "Fine-tuning that pays"): with the same warm-up and cosine
+    decay, SGD at 3e-4 reached a lower val loss than Adam at 1e-4 or 3e-5; at every learning rate
+    that moves the network at all, the epochs at the peak rate raise the val loss before the
+    decay brings it down, which the warm-up and the decay keep short.
     """
     lr = learning_rate_schedule(p, steps_per_epoch)
-    # The average's per-step momentum from its time constant in epochs, so that it spans the
-    # same share of training on 200 images as on 20,000.
-    ema = {"use_ema": True, "ema_momentum": 1.0 - 1.0 / max(1.0, p.ema_epochs * steps_per_epoch)} \
-        if p.ema_epochs > 0 else {}
     if p.optimizer == "sgd":
-        return keras.optimizers.SGD(lr, momentum=p.momentum, weight_decay=p.weight_decay or None, **ema)
+        return keras.optimizers.SGD(lr, momentum=p.momentum, weight_decay=p.weight_decay or None)
     if p.optimizer == "adamw":
-        return keras.optimizers.AdamW(lr, weight_decay=p.weight_decay, **ema)
-    return keras.optimizers.Adam(lr, **ema)
+        return keras.optimizers.AdamW(lr, weight_decay=p.weight_decay)
+    return keras.optimizers.Adam(lr)
 
 
 def _compile(model: keras.Model, p: FinetuneParams, steps_per_epoch: int) -> None:
     model.compile(optimizer=build_optimizer(p, steps_per_epoch),
                   loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
-
-
-def ema_callbacks(model: keras.Model) -> list:
-    """With an EMA of the weights, validate the averaged weights (swapped in for each evaluation)."""
-    return [keras.callbacks.SwapEMAWeights()] if getattr(model.optimizer, "use_ema", False) else []
 
 
 def _train(stacked: keras.Model, state: TrainState, params: Params, raw_dir: Path, train: list[Item],
@@ -185,7 +174,7 @@ def _train(stacked: keras.Model, state: TrainState, params: Params, raw_dir: Pat
     stacked.fit(train_ds, steps_per_epoch=steps, validation_data=val_ds, initial_epoch=state.epoch,
                 epochs=p.epochs, verbose=2, shuffle=False,  # each epoch's stream is already shuffled
                 class_weight=class_weights(np.asarray(labels), n_classes, p.class_weight),
-                callbacks=[*ema_callbacks(stacked), Tracker(state, p.patience, checkpoint, fp), *live_callbacks(live)])
+                callbacks=[Tracker(state, p.patience, checkpoint, fp), *live_callbacks(live)])
     return state, True
 
 

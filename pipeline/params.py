@@ -100,20 +100,17 @@ class AugmentParams:
 
 @dataclass(frozen=True)
 class FinetuneParams:
-    epochs: int = field(default=3, metadata=_range(0, 10000))
+    epochs: int = field(default=6, metadata=_range(0, 10000))
     unfreeze_from: str = "block6a_expand_conv"
     # sgd: momentum SGD; adam; adamw: Adam with decoupled weight decay (finetune.weight_decay).
-    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     # Peak learning rate (reached after the warm-up).
-    learning_rate: float = field(default=1e-4, metadata=_range(0.0, 1.0, lo_open=True))
+    learning_rate: float = field(default=3e-4, metadata=_range(0.0, 1.0, lo_open=True))
     # Linear warm-up from 0 over this many epochs (fractions allowed), then ``schedule``.
     warmup_epochs: float = field(default=1.0, metadata=_range(0.0, None))
     schedule: Literal["constant", "cosine"] = "cosine"
     momentum: float = field(default=0.9, metadata=_range(0.0, 1.0, hi_open=True))
     weight_decay: float = field(default=0.0, metadata=_range(0.0, 1.0, hi_open=True))
-    # Time constant, in epochs, of the exponential moving average of the weights that is
-    # validated and kept; 0 = no average (the trained weights themselves).
-    ema_epochs: float = field(default=0.0, metadata=_range(0.0, None))
     batch_size: int = field(default=16, metadata=_range(1, 4096))
     patience: int = field(default=3, metadata=_range(1, None))
     class_weight: Literal["none", "balanced"] = "none"

@@ -161,23 +161,13 @@ def restore_checkpoint(path: Path, fp: str, model: keras.Model, initial_weights:
             if state.best_epoch == 0:
                 state.best_weights = initial_weights
             elif state.best_epoch == state.epoch:
-                state.best_weights = kept_weights(model)
+                state.best_weights = model.get_weights()
             else:
                 state.best_weights = [h5["best"][str(i)][...] for i in range(len(h5["best"]))]
     except (OSError, KeyError, ValueError, TypeError) as exc:
         log.warning("cannot resume from %s (%s): starting at epoch 0", path, exc)
         return None
     return state
-
-
-def kept_weights(model: keras.Model) -> list:
-    """``model.get_weights()``, with the optimizer's moving averages in place of the trained
-    weights when it keeps an EMA (``finetune.ema_epochs``): the weights that were validated."""
-    opt = getattr(model, "optimizer", None)
-    if opt is None or not getattr(opt, "use_ema", False) or not opt.built:
-        return model.get_weights()
-    averages = {id(v): a for v, a in zip(opt._trainable_variables, opt._model_variables_moving_average)}
-    return [averages[id(v)].numpy() if id(v) in averages else v.numpy() for v in model.weights]
 
 
 class Tracker(keras.callbacks.Callback):
@@ -199,7 +189,7 @@ class Tracker(keras.callbacks.Callback):
                        float(logs["val_accuracy"])])
         s.epoch = epoch + 1
         if val_loss < s.best_loss:
-            s.best_loss, s.best_epoch, s.best_weights, s.wait = val_loss, epoch + 1, kept_weights(self.model), 0
+            s.best_loss, s.best_epoch, s.best_weights, s.wait = val_loss, epoch + 1, self.model.get_weights(), 0
         else:
             s.wait += 1
             if s.wait >= self.patience:

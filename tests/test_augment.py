@@ -125,5 +125,3 @@ def test_optimizer_choice():
     assert type(sgd) is keras.optimizers.SGD and sgd.momentum == 0.8
     adamw = opt(optimizer="adamw", weight_decay=0.01)
     assert type(adamw) is keras.optimizers.AdamW and adamw.weight_decay == 0.01
-    ema = opt(optimizer="adam", ema_epochs=2.0)
-    assert ema.use_ema and ema.ema_momentum == pytest.approx(1 - 1 / 20)
