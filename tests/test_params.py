@@ -42,7 +42,8 @@ def test_every_param_in_params_yaml_has_a_comment():
     ({"finetune": {"augment": {"flip": True}}}, "finetune.augment is now the top-level section augment"),
     ({"finetune": {"optimizer": "rmsprop"}}, "finetune.optimizer: 'rmsprop' is not allowed; use one of 'sgd', "
                                              "'adam', 'adamw'"),
-    ({"finetune": {"optimizer": "adam", "weight_decay": 0.01}}, "finetune.weight_decay applies to optimizer sgd or adamw"),
+    ({"finetune": {"optimizer": "adam", "weight_decay": 0.01}},
+     "finetune.weight_decay applies to optimizer sgd or adamw"),
     ({"extract": {"augmented_views": 100}}, "extract.augmented_views: 100 is out of range"),
     ({"finetune": {"learning_rate": 0}}, "finetune.learning_rate: 0.0 is out of range"),
     ({"sed": 1}, "unknown key sed"),
