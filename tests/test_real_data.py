@@ -2,9 +2,7 @@
 
 Skipped with a reason when ../shared is absent. Numbers are printed (pytest -s) for the notes.
 """
-import csv
 import json
-import os
 import time
 from pathlib import Path
 
@@ -75,34 +73,3 @@ def test_flowers_head_and_finetune(tmp_path):
     # Fine-tuning keeps the best val epoch (epoch 0 = the head included), so it must not end below the head.
     assert ft["val_loss"] <= ft["head_only_val_loss"]
     assert report["finetuned"]["accuracy"] >= report["head"]["accuracy"]
-
-
-def test_finetuning_improves_on_the_head_on_cartoons_without_collapse(tmp_path):
-    """Cartoon frames are far from ImageNet: the fine-tuned model must beat the head's val loss, and no
-    epoch may wreck what the head knew (val loss more than 10 % above the head's). 60 frames per class
-    and 3 epochs keep it within CI's budget; the default recipe otherwise."""
-    src = shared_dataset("simpsons_dev")
-    raw = tmp_path / "raw"
-    for cls in sorted(d for d in src.iterdir() if d.is_dir()):
-        (raw / cls.name).mkdir(parents=True)
-        for f in sorted(cls.iterdir())[:60]:
-            os.symlink(f, raw / cls.name / f.name)  # read in place, never copied
-    out = tmp_path / "run"
-    out.mkdir()
-    params = _params(raw, finetune={"epochs": 3})
-    prepare.run(raw_dir=raw, manifest=out / "manifest.csv", classes_out=out / "classes.json", params=params.data)
-    feats = {s: out / f"{s}.h5" for s in SPLITS}
-    extract.run(raw_dir=raw, manifest=out / "manifest.csv", classes_json=out / "classes.json", outs=feats,
-                params=params)
-    train_head.run(train_h5=feats["train"], val_h5=feats["val"], classes_json=out / "classes.json",
-                   head_out=out / "head.keras", metrics_out=out / "head_metrics.json",
-                   history_out=out / "head_history.csv", params=params)
-    report, ft = _evaluate(raw, params, feats, out, epochs=3)
-    with open(out / "ft_history.csv", newline="") as fh:
-        val_losses = [float(r["val_loss"]) for r in csv.DictReader(fh)]
-    print(f"val loss per epoch (0 = head): {' '.join(f'{v:.3f}' for v in val_losses)}")
-    head_loss = val_losses[0]
-    assert ft["best_epoch"] > 0, "no fine-tune epoch beat the head on val"
-    assert ft["val_loss"] <= 0.9 * head_loss, f"fine-tuning gained too little: {ft['val_loss']:.3f} vs {head_loss:.3f}"
-    assert max(val_losses[1:]) <= 1.1 * head_loss, f"an epoch wrecked the head: {val_losses}"
-    assert report["finetuned"]["log_loss"] < report["head"]["log_loss"]
