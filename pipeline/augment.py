@@ -78,3 +78,9 @@ def augment(images: "np.ndarray | tf.Tensor", params: AugmentParams, keys: Seque
         return images
     flips, transforms = draw(params, keys, int(images.shape[1]))
     return _apply(images, tf.constant(flips), tf.constant(transforms))
+
+
+def augment_uint8(images: np.ndarray, params: AugmentParams, keys: Sequence[Sequence[int]]) -> np.ndarray:
+    """:func:`augment` rounded to ``(B, S, S, 3)`` uint8, as a decoded image is: what extract computes the
+    cached views' features from (through the same uint8 path as every image)."""
+    return np.clip(np.rint(augment(images, params, keys).numpy()), 0, 255).astype(np.uint8)

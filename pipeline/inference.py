@@ -26,10 +26,8 @@ log = logging.getLogger(__name__)
 Infer = Callable[[np.ndarray], np.ndarray]
 
 
-def compile_uint8(model: keras.Model, size: int, batch_size: int, dtype: tf.DType = tf.uint8) -> Infer:
+def compile_uint8(model: keras.Model, size: int, batch_size: int) -> Infer:
     """``model`` as one traced function: ``(B, size, size, 3)`` uint8 → its float32 outputs, any ``B`` >= 1.
-
-    ``dtype=tf.float32`` takes float32 [0, 255] pixels instead (augmented views).
 
     Every forward pass has the one shape ``(batch_size + 1, size, size, 3)``: up to
     ``batch_size`` images, then padding (copies of the last image) in the remaining slots,
@@ -43,9 +41,9 @@ def compile_uint8(model: keras.Model, size: int, batch_size: int, dtype: tf.DTyp
     """
     shape = (batch_size + 1, size, size, 3)
     fn = tf.function(lambda x: tf.cast(model(tf.cast(x, tf.float32), training=False), tf.float32),
-                     input_signature=[tf.TensorSpec(shape, dtype)])
+                     input_signature=[tf.TensorSpec(shape, tf.uint8)])
     t0 = time.perf_counter()
-    fn(tf.zeros(shape, dtype))
+    fn(tf.zeros(shape, tf.uint8))
     log.info("%s traced in %.1fs", model.name, time.perf_counter() - t0)
 
     def infer(batch: np.ndarray) -> np.ndarray:

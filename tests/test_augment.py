@@ -4,11 +4,10 @@ import hashlib
 import h5py
 import numpy as np
 import pytest
-import tensorflow as tf
 from conftest import as_params, make_images, tiny_params
 
 from pipeline import extract, finetune, prepare, train_head
-from pipeline.augment import augment, view_key
+from pipeline.augment import augment, augment_uint8, view_key
 from pipeline.backbones import build_backbone
 from pipeline.features import FeatureSet
 from pipeline.images import load_image
@@ -73,12 +72,12 @@ def test_extract_caches_views_of_train_images_only_and_reuses_them(tmp_path):
     for split in ("val", "test"):
         with h5py.File(outs[split], "r") as h5:
             assert "views" not in h5 and h5.attrs["augmented_views"] == 0
-    # View k of an image is backbone(augment(image, view_key(sha256(file), k))), in any batch.
-    infer = compile_uint8(build_backbone(params.backbone), 64, params.extract.batch_size, tf.float32)
+    # View k of an image is backbone(uint8(augment(image, view_key(sha256(file), k)))), in any batch.
+    infer = compile_uint8(build_backbone(params.backbone), 64, params.extract.batch_size)
     digest = hashlib.sha256((raw / paths[3]).read_bytes()).digest()
     image = load_image(str(raw / paths[3]), 64)[None]
-    again = infer(augment(np.concatenate([image, image]), params.augment,
-                          [view_key(digest, 1), view_key(b"x", 0)]).numpy())[0]
+    again = infer(augment_uint8(np.concatenate([image, image]), params.augment,
+                                [view_key(digest, 1), view_key(b"x", 0)]))[0]
     np.testing.assert_array_equal(again, views[3, 1])
     # A rerun computes nothing; one more view computes exactly that view, the first two reused as they were.
     _, _, m2 = _extract(tmp_path, raw, tmp_path / "b", 2, cache)
