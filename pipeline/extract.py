@@ -3,10 +3,11 @@
 Only images whose features are not in the content-addressed cache are computed (see
 :mod:`pipeline.feature_cache`): adding 10 images to 2,000 computes 10, and a killed run
 resumes from its last committed chunk. Images go through :mod:`pipeline.inference` (decode
-pool a few batches ahead, uint8 into one compiled function). Computed features go to the
-cache in chunks and the split files are streamed out of it, so memory stays bounded
-whatever the dataset size. On a GPU: mixed-precision inference (features stored float32)
-and ``extract.gpu_batch_size``.
+pool a few batches ahead, uint8 into the model) on the engine ``extract.engine`` picks
+(:mod:`pipeline.engines`: ONNX Runtime on CPU, TensorFlow on a GPU). Computed features go to
+the cache in chunks and the split files are streamed out of it, so memory stays bounded
+whatever the dataset size. On a GPU with TensorFlow: mixed-precision inference (features
+stored float32) and ``extract.gpu_batch_size``.
 """
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.backbones import build_backbone, feature_provenance, image_size
+from pipeline.engines import Engine, compile_engine, engine_version, resolve_engine
 from pipeline.feature_cache import FeatureCache, file_digests, model_key
 from pipeline.features import create_feature_file
-from pipeline.inference import batched_outputs, compile_uint8
+from pipeline.inference import batched_outputs
 from pipeline.io_utils import atomic_path, library_versions, read_json, setup_logging, user_errors, write_json
 from pipeline.manifest import SPLITS, read_manifest
 from pipeline.params import Params, load_params
@@ -42,15 +44,16 @@ WRITE_BLOCK = 1024
 
 
 def compute_missing(backbone: keras.Model, cache: FeatureCache, paths: list[str], digests: list[bytes],
-                    size: int, batch_size: int) -> tuple[int, float]:
-    """Compute features of images whose digest is not cached; returns (images computed, seconds)."""
+                    size: int, batch_size: int, engine: Engine = "tensorflow") -> tuple[int, float]:
+    """Compute features of images whose digest is not cached on ``engine``; returns (images computed, seconds)."""
     todo: dict[bytes, str] = {}
     for path, digest in zip(paths, digests):
         if digest not in cache and digest not in todo:
             todo[digest] = path
     if not todo:
         return 0, 0.0
-    infer = compile_uint8(backbone, size)  # traced before the clock starts: a one-off, not throughput
+    # Converted / traced once, before the clock starts: a one-off, not throughput.
+    infer = compile_engine(backbone, size, engine)
     todo_digests, todo_paths = list(todo), list(todo.values())
     pending_d: list[bytes] = []
     pending_f: list[np.ndarray] = []
@@ -94,18 +97,22 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, outs: dict[str, Pa
     index = {c: i for i, c in enumerate(classes)}
     size = image_size(params.backbone)
     gpus = tf.config.list_physical_devices("GPU")
-    batch_size = params.extract.gpu_batch_size if gpus else params.extract.batch_size
-    if gpus:
-        # Tensor cores: half-precision compute, float32 outputs (the compiled function casts back).
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    log.info("backbone %s at %dpx on %s, batch %d", params.backbone.name, size, "GPU" if gpus else "CPU", batch_size)
+    engine = resolve_engine(params.extract.engine, bool(gpus))
+    on_gpu = bool(gpus) and engine == "tensorflow"
+    batch_size = params.extract.gpu_batch_size if on_gpu else params.extract.batch_size
+    # Tensor cores: half-precision compute, float32 outputs (the compiled function casts back).
+    # Any other case runs float32, set explicitly rather than inherited from an earlier policy.
+    precision = "mixed_float16" if on_gpu else "float32"
+    keras.mixed_precision.set_global_policy(precision)
+    log.info("backbone %s at %dpx on %s with %s, batch %d", params.backbone.name, size, "GPU" if on_gpu else "CPU",
+             engine, batch_size)
     backbone = build_backbone(params.backbone)
     dim = int(backbone.output_shape[-1])
     versions = library_versions()
     prov = feature_provenance(params.backbone, classes)
-    precision = "mixed_float16" if gpus else "float32"
-    key, desc = model_key({**prov, "preprocessing": f"{prov['preprocessing']};{precision}"}, versions)
-    attrs = {**prov, **versions, "feature_dim": dim, "precision": precision, "cache_key": key}
+    engine_desc = {"engine": engine, "engine_version": engine_version(engine), "precision": precision}
+    key, desc = model_key(prov, versions, engine_desc)
+    attrs = {**prov, **versions, **engine_desc, "feature_dim": dim, "cache_key": key}
 
     t0 = time.perf_counter()
     paths = [str(raw_dir / it.path) for it in items]
@@ -113,7 +120,7 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, outs: dict[str, Pa
     with tempfile.TemporaryDirectory(prefix="feature-cache-") as scratch:
         cache = FeatureCache(cache_dir if cache_dir is not None else Path(scratch), key, desc, dim)
         cached_before = sum(1 for d in set(digests) if d in cache)
-        computed, seconds = compute_missing(backbone, cache, paths, digests, size, batch_size)
+        computed, seconds = compute_missing(backbone, cache, paths, digests, size, batch_size, engine)
         for split, out in outs.items():
             rows = [i for i, it in enumerate(items) if it.split == split]
             write_split(out, cache, [digests[i] for i in rows], [index[items[i].label] for i in rows],
@@ -124,7 +131,7 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, outs: dict[str, Pa
         "images": len(items), "computed": computed, "reused": cached_before,
         "images_per_second": round(computed / seconds, 2) if seconds > 0 else None,
         "compute_seconds": round(seconds, 2), "total_seconds": round(total, 2),
-        "device": "GPU" if gpus else "CPU", "batch_size": batch_size,
+        "device": "GPU" if on_gpu else "CPU", "engine": engine, "precision": precision, "batch_size": batch_size,
     }
     log.info("%d images: %d computed (%s img/s), %d unique reused from the cache, %.1fs in all",
              len(items), computed, result["images_per_second"], cached_before, total)

@@ -60,6 +60,8 @@ class BackboneParams:
 class ExtractParams:
     batch_size: int = field(default=32, metadata=_range(1, 4096))
     gpu_batch_size: int = field(default=256, metadata=_range(1, 65536))
+    # auto: TensorFlow on a GPU, ONNX Runtime on CPU (pipeline/engines.py).
+    engine: Literal["auto", "tensorflow", "onnxruntime"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,7 @@ class FinetuneParams:
 class EvaluateParams:
     batch_size: int = field(default=32, metadata=_range(1, 4096))
     n_mistakes: int = field(default=16, metadata=_range(0, 1000))
+    engine: Literal["auto", "tensorflow", "onnxruntime"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -62,10 +62,11 @@ def test_reading_an_undeclared_param_fails_naming_the_stage():
 
 def test_feature_code_covers_the_inference_path_and_the_backbone():
     files = feature_code_files()
-    for f in ("pipeline/inference.py", "pipeline/backbones.py", "pipeline/registry.py", "pipeline/images.py",
-              "pipeline/datasets.py", "pipeline/efficientnet_lite.py", "pipeline/torch_legacy.py"):
+    for f in ("pipeline/inference.py", "pipeline/engines.py", "pipeline/backbones.py", "pipeline/registry.py",
+              "pipeline/images.py", "pipeline/datasets.py", "pipeline/efficientnet_lite.py",
+              "pipeline/torch_legacy.py"):
         assert f in files
-    assert files == import_closure("pipeline.backbones", "pipeline.inference")
+    assert files == import_closure("pipeline.backbones", "pipeline.engines", "pipeline.inference")
 
 
 def test_touching_any_feature_module_changes_the_cache_key(tmp_path):
