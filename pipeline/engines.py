@@ -64,8 +64,10 @@ def onnx_session(onnx_bytes: bytes):
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # One intra-op pool over every core; batches arrive one at a time, so inter-op threads add nothing.
-    opts.intra_op_num_threads = os.cpu_count() or 1
+    # One intra-op pool over the cores this process may use (not the host's count, which a
+    # container or taskset may cap); batches arrive one at a time, so inter-op threads add nothing.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    opts.intra_op_num_threads = cores or 1
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     return ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
