@@ -1,15 +1,20 @@
-"""Extraction benchmark: where the time goes, peak memory, and what the feature cache saves.
+"""Extraction benchmark: where the time goes, per inference engine, peak memory, what the cache saves.
 
-    python bench/extract_bench.py [--n 1000] [--batch-size 32] [--rss-n 300]
+    python bench/extract_bench.py [--n 1000] [--batch-size 32] [--rounds 5] [--rss-n 300] [--no-memory]
 
 All figures are measured in this one process, one run, same backbone (params.yaml's),
 image size, batch size and N, on real JPEGs from ../shared/datasets/dogs_vs_cats:
 
-  (a) compute-only ceiling: the compiled model on an in-memory batch of random pixels
-  (b) the real extract code path (pipeline.extract.run, fresh cache): decode + model + HDF5
-  (c) the seeds' way: Keras ImageDataGenerator.flow_from_directory + model.predict per batch
+  (a)  compute-only ceiling of TensorFlow: the compiled model on an in-memory uint8 batch
+  (a') compute-only ceiling of ONNX Runtime on the same batch (the model converted once);
+       (a) and (a') interleaved round by round, medians, so machine load hits both alike
+  (b)  the real extract code path (pipeline.extract.run, fresh cache) with each engine:
+       decode + model + HDF5
+  (c)  the seeds' way: Keras ImageDataGenerator.flow_from_directory + model.predict per batch
   decode-only: the input pipeline (thread-pool decode) alone, no model
-  RSS: peak resident memory of `python -m pipeline.extract` at N and 10N distinct images
+  stage: `python -m pipeline.extract` (what `dvc repro -s extract` runs) over N fresh images,
+       engine auto, start-up, conversion, hashing and HDF5 writes included
+  RSS: peak resident memory of that stage at N and 10N distinct images (skipped by --no-memory)
   head: one logreg head fit on cached features vs one epoch of frozen backbone + head on images
 """
 from __future__ import annotations
@@ -35,6 +40,7 @@ import yaml  # noqa: E402
 from pipeline import extract, prepare, train_head  # noqa: E402
 from pipeline.backbones import build_backbone, image_size  # noqa: E402
 from pipeline.datasets import image_dataset, prefetched_batches  # noqa: E402
+from pipeline.engines import compile_engine  # noqa: E402
 from pipeline.features import read_features  # noqa: E402
 from pipeline.manifest import SPLITS  # noqa: E402
 from pipeline.models import build_stacked  # noqa: E402
@@ -60,26 +66,33 @@ def subset(n: int, dest: Path, tag: bytes = b"") -> Path:
     return dest
 
 
-def params_for(raw: Path, batch_size: int):
+def params_for(raw: Path, batch_size: int, engine: str = "auto"):
     raw_params = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw_params["data"].update(raw_dir=str(raw), val_fraction=0.15, test_fraction=0.15)
-    raw_params["extract"]["batch_size"] = batch_size
+    raw_params["extract"].update(batch_size=batch_size, engine=engine)
     return parse_params(raw_params)
 
 
-def compute_only(params, n: int) -> float:
+def compute_only(params, n: int, rounds: int) -> tuple[dict[str, float], float]:
+    """Compute-only img/s of each engine on one in-memory uint8 batch, rounds interleaved → medians;
+    and the max |Δ| between the engines' features on that batch."""
     bb = build_backbone(params.backbone)
     size = image_size(params.backbone)
-    # The same call as extract's: uint8 pixels in, cast inside the compiled function.
-    infer = tf.function(lambda x: bb(tf.cast(x, tf.float32), training=False))
     bs = params.extract.batch_size
-    x = tf.constant(np.random.default_rng(0).integers(0, 256, (bs, size, size, 3), dtype=np.uint8))
-    infer(x).numpy()
-    steps = max(1, n // bs)
-    t = time.perf_counter()
-    for _ in range(steps):
-        infer(x).numpy()
-    return steps * bs / (time.perf_counter() - t)
+    x = np.random.default_rng(0).integers(0, 256, (bs, size, size, 3), dtype=np.uint8)
+    # The very functions extract runs: uint8 pixels in, cast inside.
+    infers = {e: compile_engine(bb, size, e, bs) for e in ("tensorflow", "onnxruntime")}
+    outs = {e: f(x) for e, f in infers.items()}  # warm-up
+    diff = float(np.max(np.abs(outs["tensorflow"] - outs["onnxruntime"])))
+    steps = max(1, n // bs // rounds)
+    speeds: dict[str, list[float]] = {e: [] for e in infers}
+    for _ in range(rounds):
+        for e, f in infers.items():
+            t = time.perf_counter()
+            for _ in range(steps):
+                f(x)
+            speeds[e].append(steps * bs / (time.perf_counter() - t))
+    return {e: float(np.median(v)) for e, v in speeds.items()}, diff
 
 
 def decode_only(paths: list[str], size: int, bs: int) -> float:
@@ -109,7 +122,8 @@ def seed_style(raw: Path, params, n: int) -> float:
     return done / (time.perf_counter() - t)
 
 
-def peak_rss_mib(raw: Path, work: Path, batch_size: int) -> tuple[float, dict]:
+def stage_run(raw: Path, work: Path, batch_size: int) -> tuple[float, float, dict]:
+    """`python -m pipeline.extract` in a subprocess on a fresh cache → (peak RSS MiB, wall seconds, metrics)."""
     work.mkdir(parents=True)
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
     p["data"].update(raw_dir=str(raw), val_fraction=0.15, test_fraction=0.15)
@@ -120,12 +134,14 @@ def peak_rss_mib(raw: Path, work: Path, batch_size: int) -> tuple[float, dict]:
     cmd = [sys.executable, "-m", "pipeline.extract", "--raw-dir", str(raw), "--manifest", "manifest.csv",
            "--classes", "classes.json", "--train", "train.h5", "--val", "val.h5", "--test", "test.h5",
            "--metrics", "m.json", "--cache-dir", "cache"]
+    t = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=work, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
     if status != 0:
         raise RuntimeError(f"extract failed in {work}")
-    return usage.ru_maxrss / 1024, json.loads((work / "m.json").read_text())
+    return usage.ru_maxrss / 1024, wall, json.loads((work / "m.json").read_text())
 
 
 def frozen_epoch_seconds(raw: Path, manifest: Path, params) -> float:
@@ -150,7 +166,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1000, help="images for (a), (b), (c)")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of (a) and (a')")
     ap.add_argument("--rss-n", type=int, default=300, help="N of the memory test (10N is also run)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the head timing and the RSS runs")
     args = ap.parse_args()
     if not DATA.is_dir():
         sys.exit(f"{DATA} not found: the benchmark reads real JPEGs from ../shared/datasets")
@@ -165,24 +183,35 @@ def main() -> None:
         print(f"backbone {params.backbone.name} {size}px, batch {args.batch_size}, N={len(paths)}, "
               f"{os.cpu_count()} CPUs, TF {tf.__version__}", flush=True)
 
-        a = compute_only(params, len(paths))
-        print(f"(a) compute-only ceiling      {a:7.1f} img/s", flush=True)
+        ceil, diff = compute_only(params, len(paths), args.rounds)
+        a = ceil["tensorflow"]
+        print(f"(a)  compute-only, tensorflow   {a:7.1f} img/s", flush=True)
+        o = ceil["onnxruntime"]
+        print(f"(a') compute-only, onnxruntime  {o:7.1f} img/s  = {o / a:.2f} x (a);  max |feature diff| {diff:.1e}",
+              flush=True)
         d = decode_only(paths, size, args.batch_size)
-        print(f"    decode-only (thread pool)     {d:7.1f} img/s", flush=True)
+        print(f"     decode-only (thread pool)  {d:7.1f} img/s", flush=True)
         outs = {s: out / f"{s}.h5" for s in SPLITS}
-        m = extract.run(raw_dir=raw, manifest=out / "manifest.csv", classes_json=out / "classes.json", outs=outs,
-                        params=params, metrics=out / "m.json", cache_dir=out / "cache")
-        b = m["images_per_second"]
-        print(f"(b) real extract path         {b:7.1f} img/s  (all of extract: {m['images'] / m['total_seconds']:.1f} "
-              f"img/s incl. hashing + HDF5 writes, {m['total_seconds']}s)", flush=True)
+        for engine in ("tensorflow", "onnxruntime"):
+            m = extract.run(raw_dir=raw, manifest=out / "manifest.csv", classes_json=out / "classes.json", outs=outs,
+                            params=params_for(raw, args.batch_size, engine), metrics=out / "m.json",
+                            cache_dir=out / f"cache-{engine}")
+            b = m["images_per_second"]
+            print(f"(b)  real extract path, {engine:<11} {b:7.1f} img/s = {b / a:.2f} x (a)  (all of extract: "
+                  f"{m['images'] / m['total_seconds']:.1f} img/s incl. hashing + HDF5 writes)", flush=True)
         t = time.perf_counter()
         m2 = extract.run(raw_dir=raw, manifest=out / "manifest.csv", classes_json=out / "classes.json", outs=outs,
-                         params=params, metrics=out / "m2.json", cache_dir=out / "cache")
-        print(f"    rerun, all cached         {m2['images'] / (time.perf_counter() - t):7.1f} img/s "
+                         params=params_for(raw, args.batch_size, "onnxruntime"), metrics=out / "m2.json",
+                         cache_dir=out / "cache-onnxruntime")
+        print(f"     rerun, all cached          {m2['images'] / (time.perf_counter() - t):7.1f} img/s "
               f"({m2['computed']} computed)", flush=True)
         c = seed_style(raw, params, len(paths))
-        print(f"(c) seed-style flow_from_directory + predict {c:7.1f} img/s", flush=True)
-        print(f"    (b)/(a) = {b / a:.3f}   (b)/(c) = {b / c:.2f}", flush=True)
+        print(f"(c)  seed-style flow_from_directory + predict {c:7.1f} img/s", flush=True)
+        _, wall, ms = stage_run(subset(args.n, work / "stage", tag=b"s"), work / "stage_run", args.batch_size)
+        print(f"     whole stage (python -m pipeline.extract, engine {ms['engine']}, start-up included): "
+              f"{ms['images'] / wall:.1f} img/s = {ms['images'] / wall / a:.2f} x (a)", flush=True)
+        if args.no_memory:
+            return
 
         fs = read_features(outs["train"])
         t = time.perf_counter()
@@ -193,8 +222,8 @@ def main() -> None:
               f"→ {100 * head_s / epoch_s:.2f} % ({len(fs.labels)} train images)", flush=True)
 
         n1 = args.rss_n
-        r1, m1 = peak_rss_mib(subset(n1, work / "rss1", tag=b"a"), work / "rss1_run", args.batch_size)
-        r10, m10 = peak_rss_mib(subset(10 * n1, work / "rss10", tag=b"b"), work / "rss10_run", args.batch_size)
+        r1, _, m1 = stage_run(subset(n1, work / "rss1", tag=b"a"), work / "rss1_run", args.batch_size)
+        r10, _, m10 = stage_run(subset(10 * n1, work / "rss10", tag=b"b"), work / "rss10_run", args.batch_size)
         print(f"peak RSS  N={n1}: {r1:.0f} MiB ({m1['computed']} computed)   10N={10 * n1}: {r10:.0f} MiB "
               f"({m10['computed']} computed)   ratio {r10 / r1:.3f}", flush=True)
     finally:

@@ -1,4 +1,4 @@
-"""Stage 6: export the fine-tuned model as a TensorFlow SavedModel for serving.
+"""Stage 6: export the fine-tuned model for serving: TensorFlow SavedModel, ONNX and TFLite.
 
 The SavedModel takes what a client has: a batch of raw RGB pixels, ``uint8``
 ``(B, H, W, 3)``, any H and W (one size per batch). Resizing, the backbone's preprocessing
@@ -17,18 +17,30 @@ give the Keras model's probabilities. Other sizes are resized inside by
 the Pillow bilinear resize training used, but not bit-identical (and training decodes JPEGs
 in libjpeg's draft mode first), so for exact parity resize with
 ``pipeline.images.load_image`` on the client.
+
+The same model as ONNX (``images`` uint8 ``(B, S, S, 3)`` → ``probabilities`` float32 ``(B, K)``,
+opset 17, for ONNX Runtime and the many runtimes that read ONNX) and as TFLite (same input
+and output, float32 inside, for LiteRT / mobile): pixels at the model's size, preprocessing
+inside, class names in the JSON beside them. Every file is reloaded in a fresh ``python -I``
+process (its own runtime only, not this project) and must give the Keras model's
+probabilities to :data:`EXPORT_TOLERANCE`, or the stage fails.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.converters import ONNX_OPSET, to_onnx, to_tflite
 from pipeline.io_utils import (
     PipelineError,
     atomic_dir,
+    atomic_path,
     library_versions,
     setup_logging,
     sha256_file,
@@ -42,8 +54,33 @@ log = logging.getLogger(__name__)
 # The params this stage reads (none: the model's sidecar says everything), as in dvc.yaml.
 PARAMS: tuple[str, ...] = ()
 
-# Max |Δp| allowed between the reloaded export and the Keras model on the same pixels.
+# Max |Δp| allowed between a reloaded export (any format) and the Keras model on the same pixels.
+# All three compute float32; ONNX Runtime and LiteRT sum in other orders than TensorFlow, which
+# moves features by ~1e-5 (on values up to ~5) and the softmax outputs by less.
 EXPORT_TOLERANCE = 1e-5
+
+# Runs in a fresh `python -I` process: only the format's own runtime, never this project.
+# argv: format, model file, input .npy (uint8 pixels), output .npy (float32 probabilities).
+RELOAD = r"""
+import sys
+import numpy as np
+fmt, model, pixels, out = sys.argv[1:5]
+x = np.load(pixels)
+if fmt == "onnx":
+    import onnxruntime as ort
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    probs = session.run(["probabilities"], {"images": x})[0]
+else:
+    from ai_edge_litert.interpreter import Interpreter
+    interp = Interpreter(model_path=model)
+    (inp,), (outp,) = interp.get_input_details(), interp.get_output_details()
+    interp.resize_tensor_input(inp["index"], x.shape)
+    interp.allocate_tensors()
+    interp.set_tensor(inp["index"], x)
+    interp.invoke()
+    probs = interp.get_tensor(outp["index"])
+np.save(out, np.asarray(probs, dtype=np.float32))
+"""
 RESIZE_METHOD = "tf.image.resize(method='bilinear', antialias=True), rounded to uint8"
 
 
@@ -97,8 +134,44 @@ def check_export(path: Path, model, size: int, seed: int = 0) -> float:
     return diff
 
 
-def run(*, model_path: Path, out_dir: Path, meta_out: Path) -> dict:
-    """Export ``model_path`` (+ its sidecar) to the SavedModel ``out_dir``; returns the metadata written."""
+def reload_probabilities(fmt: str, path: Path, pixels: np.ndarray) -> np.ndarray:
+    """Probabilities of the ``fmt`` (onnx | tflite) file ``path`` on ``pixels`` (uint8 (B, S, S, 3)),
+    computed in a fresh ``python -I`` process in an empty folder → (B, K) float32."""
+    with tempfile.TemporaryDirectory(prefix="export-check-") as tmp:
+        np.save(Path(tmp) / "x.npy", pixels)
+        proc = subprocess.run([sys.executable, "-I", "-c", RELOAD, fmt, str(Path(path).resolve()), "x.npy", "p.npy"],
+                              cwd=tmp, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"reloading the exported {fmt} file {path} failed:\n{proc.stderr[-2000:]}")
+        return np.load(Path(tmp) / "p.npy")
+
+
+def check_file(fmt: str, path: Path, model, size: int, seed: int = 0) -> float:
+    """Reload ``path`` in a fresh process, compare with ``model`` on random pixels; returns max |Δp|."""
+    x = np.random.default_rng(seed).integers(0, 256, (4, size, size, 3), dtype=np.uint8)
+    expected = model.predict_on_batch(x.astype(np.float32))
+    got = reload_probabilities(fmt, path, x)
+    diff = float(np.max(np.abs(got - expected))) if got.shape == expected.shape else float("inf")
+    if not diff <= EXPORT_TOLERANCE:
+        raise RuntimeError(f"the exported {fmt} file {path} gives {got.shape} probabilities differing from the "
+                           f"Keras model's {expected.shape} by {diff:.2e} (> {EXPORT_TOLERANCE}) on the same pixels")
+    return diff
+
+
+def write_file_format(fmt: str, out: Path, model, size: int) -> float:
+    """Convert ``model`` to ``fmt`` (onnx | tflite), write ``out`` atomically once it passed its reload check."""
+    data = to_onnx(model, size, output_name="probabilities") if fmt == "onnx" else to_tflite(model, size)
+    with atomic_path(out, suffix=f".{fmt}") as tmp:
+        Path(tmp).write_bytes(data)
+        diff = check_file(fmt, Path(tmp), model, size)
+    log.info("exported %s (max |Δp| vs Keras on reload in a fresh process: %.1e)", out, diff)
+    return diff
+
+
+def run(*, model_path: Path, out_dir: Path, meta_out: Path, onnx_out: Path | None = None,
+        tflite_out: Path | None = None) -> dict:
+    """Export ``model_path`` (+ its sidecar) to the SavedModel ``out_dir`` and, when given, to ``onnx_out``
+    and ``tflite_out``; returns the metadata written to ``meta_out``."""
     model, meta = load_model(model_path)
     if meta.get("kind") != "finetuned":
         raise PipelineError(f"{model_path} is a {meta.get('kind')!r} model; export needs the fine-tuned image model")
@@ -118,6 +191,17 @@ def run(*, model_path: Path, out_dir: Path, meta_out: Path) -> dict:
         "source_model": str(model_path), "source_model_sha256": sha256_file(model_path),
         "reload_max_abs_diff": diff, "provenance": meta["provenance"], "versions": library_versions(),
     }
+    files = {}
+    for fmt, out in (("onnx", onnx_out), ("tflite", tflite_out)):
+        if out is not None:
+            reload_diff = write_file_format(fmt, out, model, size)
+            files[fmt] = {
+                "path": str(out), "sha256": sha256_file(out), "reload_max_abs_diff": reload_diff,
+                "inputs": {"images": f"uint8 (B, {size}, {size}, 3) RGB, resized with pipeline.images.load_image"},
+                "outputs": {"probabilities": "float32 (B, K), columns in the order of class_names"},
+                "precision": "float32", **({"opset": ONNX_OPSET} if fmt == "onnx" else {}),
+            }
+    info["files"] = files
     write_json(meta_out, info)
     return info
 
@@ -127,10 +211,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", type=Path, required=True, help="fine-tuned .keras model (with its .json sidecar)")
     ap.add_argument("--out", type=Path, required=True, help="SavedModel folder to write")
     ap.add_argument("--meta", type=Path, required=True, help="JSON describing the export (signature, classes)")
+    ap.add_argument("--onnx", type=Path, default=None, help="also write the model as this ONNX file")
+    ap.add_argument("--tflite", type=Path, default=None, help="also write the model as this TFLite file")
     args = ap.parse_args(argv)
     setup_logging()
     with user_errors():
-        run(model_path=args.model, out_dir=args.out, meta_out=args.meta)
+        run(model_path=args.model, out_dir=args.out, meta_out=args.meta, onnx_out=args.onnx,
+            tflite_out=args.tflite)
 
 
 if __name__ == "__main__":

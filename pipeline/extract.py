@@ -3,10 +3,11 @@
 Only images whose features are not in the content-addressed cache are computed (see
 :mod:`pipeline.feature_cache`): adding 10 images to 2,000 computes 10, and a killed run
 resumes from its last committed chunk. Images go through :mod:`pipeline.inference` (decode
-pool a few batches ahead, uint8 into one compiled function). Computed features go to the
-cache in chunks and the split files are streamed out of it, so memory stays bounded
-whatever the dataset size. On a GPU: mixed-precision inference (features stored float32)
-and ``extract.gpu_batch_size``.
+pool a few batches ahead, uint8 into the model) on the engine ``extract.engine`` picks
+(:mod:`pipeline.engines`: ONNX Runtime on CPU, TensorFlow on a GPU). Computed features go to
+the cache in chunks and the split files are streamed out of it, so memory stays bounded
+whatever the dataset size. On a GPU with TensorFlow: mixed-precision inference (features
+stored float32) and ``extract.gpu_batch_size``.
 """
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ import tensorflow as tf
 
 from pipeline.augment import augment_uint8, view_key
 from pipeline.backbones import build_backbone, feature_provenance, image_size
+from pipeline.engines import compile_engine, engine_version, resolve_engine
 from pipeline.feature_cache import FeatureCache, file_digests, model_key
 from pipeline.features import create_feature_file
-from pipeline.inference import Infer, batched_images, batched_outputs, compile_uint8
+from pipeline.inference import Infer, batched_images, batched_outputs
 from pipeline.io_utils import atomic_path, library_versions, read_json, setup_logging, user_errors, write_json
 from pipeline.manifest import SPLITS, read_manifest
 from pipeline.params import AugmentParams, Params, as_dict, load_params
@@ -145,21 +147,25 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, outs: dict[str, Pa
     index = {c: i for i, c in enumerate(classes)}
     size = image_size(params.backbone)
     gpus = tf.config.list_physical_devices("GPU")
-    batch_size = params.extract.gpu_batch_size if gpus else params.extract.batch_size
-    if gpus:
-        # Tensor cores: half-precision compute, float32 outputs (the compiled function casts back).
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    log.info("backbone %s at %dpx on %s, batch %d", params.backbone.name, size, "GPU" if gpus else "CPU", batch_size)
+    engine = resolve_engine(params.extract.engine, bool(gpus))
+    on_gpu = bool(gpus) and engine == "tensorflow"
+    batch_size = params.extract.gpu_batch_size if on_gpu else params.extract.batch_size
+    # Tensor cores: half-precision compute, float32 outputs (the compiled function casts back).
+    # Any other case runs float32, set explicitly rather than inherited from an earlier policy.
+    precision = "mixed_float16" if on_gpu else "float32"
+    keras.mixed_precision.set_global_policy(precision)
+    log.info("backbone %s at %dpx on %s with %s, batch %d", params.backbone.name, size, "GPU" if on_gpu else "CPU",
+             engine, batch_size)
     backbone = build_backbone(params.backbone)
     dim = int(backbone.output_shape[-1])
     versions = library_versions()
     prov = feature_provenance(params.backbone, classes)
-    precision = "mixed_float16" if gpus else "float32"
-    # The batch shape is in the key: features are bit-identical at one shape, not across shapes.
-    key, desc = model_key({**prov, "preprocessing": f"{prov['preprocessing']};{precision};batch{batch_size}"},
-                          versions)
-    attrs = {**prov, **versions, "feature_dim": dim, "precision": precision, "batch_size": batch_size,
-             "cache_key": key}
+    # TensorFlow's features are bit-identical at one batch shape, not across shapes (see
+    # pipeline.inference.compile_uint8); ONNX Runtime's at any batch size.
+    engine_desc = {"engine": engine, "engine_version": engine_version(engine), "precision": precision,
+                   "batch_shape": batch_size + 1 if engine == "tensorflow" else "any"}
+    key, desc = model_key(prov, versions, engine_desc)
+    attrs = {**prov, **versions, **engine_desc, "feature_dim": dim, "cache_key": key}
 
     t0 = time.perf_counter()
     paths = [str(raw_dir / it.path) for it in items]
@@ -170,8 +176,8 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, outs: dict[str, Pa
     with tempfile.TemporaryDirectory(prefix="feature-cache-") as scratch:
         cache = FeatureCache(cache_dir if cache_dir is not None else Path(scratch), key, desc, dim)
         cached_before = sum(1 for d in set(digests) if d in cache)
-        # Traced once, before any clock starts: a one-off, not throughput.
-        infer = compile_uint8(backbone, size, batch_size)
+        # Converted / traced once, before any clock starts: a one-off, not throughput.
+        infer = compile_engine(backbone, size, engine, batch_size)
         computed, seconds = compute_missing(infer, cache, paths, digests, size, batch_size)
         views_computed, view_seconds = compute_missing_views(
             infer, cache, [paths[i] for i in train_rows], [digests[i] for i in train_rows], views,
@@ -189,7 +195,7 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, outs: dict[str, Pa
         "images_per_second": round(computed / seconds, 2) if seconds > 0 else None,
         "compute_seconds": round(seconds, 2), "augmented_views_computed": views_computed,
         "augmented_views_seconds": round(view_seconds, 2), "total_seconds": round(total, 2),
-        "device": "GPU" if gpus else "CPU", "batch_size": batch_size,
+        "device": "GPU" if on_gpu else "CPU", "engine": engine, "precision": precision, "batch_size": batch_size,
     }
     log.info("%d images: %d computed (%s img/s), %d unique reused from the cache, %.1fs in all",
              len(items), computed, result["images_per_second"], cached_before, total)

@@ -8,9 +8,9 @@ fresh computation would produce, and ``extract`` stays a pure function of its de
 deps and params. Deleting the folder only costs time.
 
 Key = sha256 of the image file's bytes, inside a namespace (one sub-folder) per *model
-key* = hash of backbone, weights sha256, image size, pooling, preprocessing, precision,
-TensorFlow / Keras versions and the source of every module that decodes images, builds
-the backbone or runs it (:func:`feature_code_files`, derived from the imports).
+key* = hash of backbone, weights sha256, image size, pooling, preprocessing, the inference
+engine with its version and precision, TensorFlow / Keras versions and the source of every
+module that decodes images, builds the backbone or runs it (:func:`feature_code_files`, derived from the imports).
 
 Layout: ``<cache_dir>/<model_key>/meta.json`` and chunks ``<n>.feats.npy`` (M, D) float32 +
 ``<n>.keys.npy`` (M, 32) uint8 digests. A chunk is committed when its keys file appears
@@ -36,10 +36,10 @@ log = logging.getLogger(__name__)
 
 DIGEST_BYTES = 32
 MAX_MAPPED_CHUNKS = 4
-# The modules whose code decides the feature values: the backbone builder, the image → output
-# path and the augmentation of cached views, with everything they import (derived, never
-# listed by hand). An edit to any of them invalidates the cache.
-FEATURE_CODE = ("pipeline.backbones", "pipeline.inference", "pipeline.augment")
+# The modules whose code decides the feature values: the backbone builder, the engines and the
+# image → output path, and the augmentation of cached views, with everything they import
+# (derived, never listed by hand). An edit to any of them invalidates the cache.
+FEATURE_CODE = ("pipeline.backbones", "pipeline.engines", "pipeline.inference", "pipeline.augment")
 
 
 def file_digests(paths: Sequence[str], workers: int = 4) -> list[bytes]:
@@ -63,11 +63,17 @@ def code_fingerprint(root: Path | None = None) -> str:
     return h.hexdigest()
 
 
-def model_key(provenance: dict, versions: dict) -> tuple[str, dict]:
-    """(short key, the full description it hashes)."""
+def model_key(provenance: dict, versions: dict, engine: dict) -> tuple[str, dict]:
+    """(short key, the full description it hashes).
+
+    ``engine``: ``engine``, ``engine_version``, ``precision`` and ``batch_shape`` of the run; the same
+    image gives features that differ in the last bits between engines (and, on TensorFlow, between
+    batch shapes), so each has its own namespace.
+    """
     desc = {
         **{k: provenance[k] for k in ("backbone", "weights_id", "weights_sha256", "image_size", "pooling",
                                       "preprocessing")},
+        **{k: engine[k] for k in ("engine", "engine_version", "precision", "batch_shape")},
         "tensorflow": versions["tensorflow"], "keras": versions["keras"], "code": code_fingerprint(),
     }
     key = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:20]

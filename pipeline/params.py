@@ -63,6 +63,8 @@ class ExtractParams:
     # Augmented views (params ``augment``) of every training image whose features are cached
     # too, so the head is fitted on what fine-tuning trains on.
     augmented_views: int = field(default=4, metadata=_range(0, 64))
+    # auto: TensorFlow on a GPU, ONNX Runtime on CPU (pipeline/engines.py).
+    engine: Literal["auto", "tensorflow", "onnxruntime"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,7 @@ class FinetuneParams:
 class EvaluateParams:
     batch_size: int = field(default=32, metadata=_range(1, 4096))
     n_mistakes: int = field(default=16, metadata=_range(0, 1000))
+    engine: Literal["auto", "tensorflow", "onnxruntime"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@
 the options. Images are decoded and resized by :func:`pipeline.images.load_image`, the one decoder every
 stage uses (Pillow, EXIF orientation, alpha on white, bilinear squash to the model's size),
 and the model carries its own preprocessing, so a prediction here equals what evaluate
-computes for the same file. A file that cannot be decoded gets a row with the error and
+computes for the same file (on the same engine: ``--engine``, default auto = ONNX Runtime on
+CPU, TensorFlow on a GPU). A file that cannot be decoded gets a row with the error and
 no probabilities; it does not stop the run. Not a DVC stage: a tool for after ``dvc repro``.
 """
 from __future__ import annotations
@@ -17,8 +18,9 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from pipeline.engines import ENGINES, compile_engine, has_gpu, resolve_engine
 from pipeline.images import IMAGE_EXTENSIONS
-from pipeline.inference import Infer, batched_outputs, compile_uint8
+from pipeline.inference import Infer, batched_outputs
 from pipeline.io_utils import PipelineError, setup_logging, user_errors, write_csv
 from pipeline.models import load_model
 from pipeline.scanning import image_files
@@ -63,7 +65,7 @@ def predict_paths(infer: Infer, paths: Sequence[str], size: int, batch_size: int
                   progress: bool = True) -> Iterable[Prediction]:
     """Yield one :class:`Prediction` per path, in order, through evaluate's image → probabilities path.
 
-    ``infer`` is the model compiled by :func:`pipeline.inference.compile_uint8`.
+    ``infer`` is the model compiled by :func:`pipeline.engines.compile_engine`.
     """
     batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
     outputs = batched_outputs(infer, paths, size, batch_size, tolerant=True, desc="predict", progress=progress)
@@ -91,7 +93,7 @@ def prediction_rows(preds: Iterable[Prediction], classes: Sequence[str]) -> tupl
 
 
 def run(*, inputs: Sequence[str | Path], model_path: Path = DEFAULT_MODEL, out: Path = Path("predictions.csv"),
-        batch_size: int = 32, progress: bool = True) -> list[Prediction]:
+        batch_size: int = 32, progress: bool = True, engine: str = "auto") -> list[Prediction]:
     """Predict every image in ``inputs`` with ``model_path``; write ``out`` (CSV); return the predictions."""
     model, meta = load_model(model_path)
     classes = list(meta["class_names"])
@@ -102,8 +104,9 @@ def run(*, inputs: Sequence[str | Path], model_path: Path = DEFAULT_MODEL, out: 
     paths = collect_images(inputs)
     if not paths:
         raise PipelineError(f"no images to predict in {', '.join(map(str, inputs))}")
-    log.info("%d images, model %s (%d classes, %d px)", len(paths), model_path, len(classes), size)
-    preds = list(predict_paths(compile_uint8(model, size, batch_size), paths, size, batch_size, progress))
+    chosen = resolve_engine(engine, has_gpu())
+    log.info("%d images, model %s (%d classes, %d px) on %s", len(paths), model_path, len(classes), size, chosen)
+    preds = list(predict_paths(compile_engine(model, size, chosen, batch_size), paths, size, batch_size, progress))
     header, rows = prediction_rows(preds, classes)
     write_csv(out, header, rows)
     failed = [p for p in preds if p.probs is None]
@@ -120,12 +123,15 @@ def main(argv: list[str] | None = None) -> None:
                     help=f"fine-tuned .keras model (default {DEFAULT_MODEL})")
     ap.add_argument("--out", type=Path, default=Path("predictions.csv"), help="output CSV (default predictions.csv)")
     ap.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    ap.add_argument("--engine", choices=("auto", *ENGINES), default="auto",
+                    help="auto (default): tensorflow on a GPU, onnxruntime on CPU")
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         ap.error("--batch-size must be >= 1")
     setup_logging()
     with user_errors():
-        run(inputs=args.inputs, model_path=args.model, out=args.out, batch_size=args.batch_size)
+        run(inputs=args.inputs, model_path=args.model, out=args.out, batch_size=args.batch_size,
+            engine=args.engine)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ from conftest import as_params, make_images, tiny_params
 from pipeline import extract, finetune, prepare, train_head
 from pipeline.augment import augment, augment_uint8, view_key
 from pipeline.backbones import build_backbone
+from pipeline.engines import compile_engine, has_gpu, resolve_engine
 from pipeline.features import FeatureSet
 from pipeline.images import load_image
-from pipeline.inference import compile_uint8
 from pipeline.manifest import SPLITS
 from pipeline.params import AugmentParams
 
@@ -72,8 +72,10 @@ def test_extract_caches_views_of_train_images_only_and_reuses_them(tmp_path):
     for split in ("val", "test"):
         with h5py.File(outs[split], "r") as h5:
             assert "views" not in h5 and h5.attrs["augmented_views"] == 0
-    # View k of an image is backbone(uint8(augment(image, view_key(sha256(file), k)))), in any batch.
-    infer = compile_uint8(build_backbone(params.backbone), 64, params.extract.batch_size)
+    # View k of an image is backbone(uint8(augment(image, view_key(sha256(file), k)))) on extract's engine,
+    # in any batch.
+    engine = resolve_engine(params.extract.engine, has_gpu())
+    infer = compile_engine(build_backbone(params.backbone), 64, engine, params.extract.batch_size)
     digest = hashlib.sha256((raw / paths[3]).read_bytes()).digest()
     image = load_image(str(raw / paths[3]), 64)[None]
     again = infer(augment_uint8(np.concatenate([image, image]), params.augment,

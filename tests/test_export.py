@@ -95,3 +95,60 @@ def test_export_stage_refuses_the_feature_head(tiny_dvc_project: Path, tmp_path:
         run(model_path=tiny_dvc_project / "models" / "head.keras", out_dir=tmp_path / "serving",
             meta_out=tmp_path / "serving.json")
     assert not (tmp_path / "serving").exists() and not (tmp_path / "serving.json").exists()
+
+
+# The ONNX and TFLite files, each in its own runtime, in a fresh process without this project.
+RELOAD_FILES = r"""
+import sys
+import numpy as np
+try:
+    import pipeline  # noqa: F401
+except ImportError:
+    pass
+else:
+    sys.exit("the project is importable here: this would not prove the export is self-contained")
+onnx_path, tflite_path = sys.argv[1:3]
+import onnxruntime as ort
+from ai_edge_litert.interpreter import Interpreter
+session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+interp = Interpreter(model_path=tflite_path)
+for name in sys.argv[3:]:
+    x = np.load(name)
+    np.save("onnx_" + name, session.run(["probabilities"], {"images": x})[0])
+    (inp,), (out,) = interp.get_input_details(), interp.get_output_details()
+    interp.resize_tensor_input(inp["index"], x.shape)
+    interp.allocate_tensors()
+    interp.set_tensor(inp["index"], x)
+    interp.invoke()
+    np.save("tflite_" + name, interp.get_tensor(out["index"]))
+"""
+
+
+def test_onnx_and_tflite_files_give_the_keras_models_probabilities(tiny_dvc_project: Path, tmp_path: Path):
+    from pipeline.export import EXPORT_TOLERANCE
+
+    proj = tiny_dvc_project
+    meta = json.loads((proj / "models" / "serving.json").read_text())
+    model, model_meta = load_model(proj / "models" / "model.keras")
+    size = model_meta["provenance"]["image_size"]
+    files = {fmt: proj / "models" / f"model.{fmt}" for fmt in ("onnx", "tflite")}
+    for fmt, path in files.items():
+        assert meta["files"][fmt]["sha256"] == sha256_file(path)
+        assert meta["files"][fmt]["reload_max_abs_diff"] <= EXPORT_TOLERANCE
+        assert meta["files"][fmt]["precision"] == "float32"
+
+    test = [it for it in read_manifest(proj / "data" / "prepared" / "manifest.csv") if it.split == "test"]
+    at_size = np.stack([load_image(str(proj / "data" / "raw" / it.path), size) for it in test])
+    batches = {"test": at_size, "one": at_size[:1]}
+    for name, x in batches.items():
+        np.save(tmp_path / f"{name}.npy", x)
+    proc = subprocess.run([sys.executable, "-I", "-c", RELOAD_FILES, str(files["onnx"]), str(files["tflite"]),
+                           *(f"{n}.npy" for n in batches)], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    keras_probs = np.asarray(model.predict_on_batch(at_size.astype(np.float32)))
+    assert keras_probs.shape == (len(test), len(model_meta["class_names"]))
+    for fmt in files:
+        got = np.load(tmp_path / f"{fmt}_test.npy")
+        assert got.shape == keras_probs.shape and got.dtype == np.float32
+        assert np.max(np.abs(got - keras_probs)) <= EXPORT_TOLERANCE, fmt
+        assert np.max(np.abs(np.load(tmp_path / f"{fmt}_one.npy") - keras_probs[:1])) <= EXPORT_TOLERANCE, fmt

@@ -62,11 +62,11 @@ def test_reading_an_undeclared_param_fails_naming_the_stage():
 
 def test_feature_code_covers_the_inference_path_the_backbone_and_the_augmented_views():
     files = feature_code_files()
-    for f in ("pipeline/inference.py", "pipeline/backbones.py", "pipeline/registry.py", "pipeline/images.py",
-              "pipeline/datasets.py", "pipeline/efficientnet_lite.py", "pipeline/torch_legacy.py",
-              "pipeline/augment.py"):
+    for f in ("pipeline/inference.py", "pipeline/engines.py", "pipeline/backbones.py", "pipeline/registry.py",
+              "pipeline/images.py", "pipeline/datasets.py", "pipeline/efficientnet_lite.py",
+              "pipeline/torch_legacy.py", "pipeline/augment.py"):
         assert f in files
-    assert files == import_closure("pipeline.backbones", "pipeline.inference", "pipeline.augment")
+    assert files == import_closure("pipeline.backbones", "pipeline.engines", "pipeline.inference", "pipeline.augment")
 
 
 def test_touching_any_feature_module_changes_the_cache_key(tmp_path):
