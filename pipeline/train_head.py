@@ -47,10 +47,10 @@ def feature_scale(features: np.ndarray) -> float:
 def training_rows(train: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
     """The head's training set: every image's features and those of its augmented views → (X (M, D), y (M,)).
 
-    With ``extract.augmented_views`` = K the head sees each image K + 1 times, as fine-tuning
-    will (augmented): a head fitted on clean features alone is at ~100 % training accuracy and
-    meets augmented images for the first time in fine-tuning, whose first epoch then spends
-    itself re-fitting the head and pulls the backbone away from what it knew.
+    With ``extract.augmented_views`` = K the head sees each image K + 1 times, clean and
+    augmented, as fine-tuning will. Measured on simpsons_dev: the head's val log loss 0.487 →
+    0.438 with K = 4. It does not stop fine-tuning's first peak-rate epochs from raising the val
+    loss (README "Fine-tuning that pays").
     """
     if train.views is None or train.views.shape[1] == 0:
         return train.features, train.labels
