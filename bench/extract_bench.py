@@ -69,7 +69,8 @@ def subset(n: int, dest: Path, tag: bytes = b"") -> Path:
 def params_for(raw: Path, batch_size: int, engine: str = "auto"):
     raw_params = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw_params["data"].update(raw_dir=str(raw), val_fraction=0.15, test_fraction=0.15)
-    raw_params["extract"].update(batch_size=batch_size, engine=engine)
+    # Clean images only: the figures are images per second (augmented views are extra forward passes).
+    raw_params["extract"].update(batch_size=batch_size, engine=engine, augmented_views=0)
     return parse_params(raw_params)
 
 
@@ -127,7 +128,7 @@ def stage_run(raw: Path, work: Path, batch_size: int) -> tuple[float, float, dic
     work.mkdir(parents=True)
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
     p["data"].update(raw_dir=str(raw), val_fraction=0.15, test_fraction=0.15)
-    p["extract"]["batch_size"] = batch_size
+    p["extract"].update(batch_size=batch_size, augmented_views=0)  # images per second, as in (a) and (b)
     (work / "params.yaml").write_text(yaml.safe_dump(p))
     prepare.run(raw_dir=raw, manifest=work / "manifest.csv", classes_out=work / "classes.json",
                 params=parse_params(p).data)

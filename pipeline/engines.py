@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Literal
+from typing import Literal, Optional
 
 import keras
 import numpy as np
@@ -58,8 +58,11 @@ def engine_version(engine: Engine) -> str:
     return f"onnxruntime {onnxruntime.__version__}; tf2onnx {tf2onnx.__version__}; opset {ONNX_OPSET}"
 
 
-def onnx_session(onnx_bytes: bytes):
-    """An ONNX Runtime CPU session for ``onnx_bytes`` (all graph optimizations, which keep float32)."""
+def onnx_session(onnx_bytes: bytes, threads: Optional[int] = None):
+    """An ONNX Runtime CPU session for ``onnx_bytes`` (all graph optimizations, which keep float32).
+
+    ``threads``: its intra-op pool; None = the cores this process may use.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -67,20 +70,20 @@ def onnx_session(onnx_bytes: bytes):
     # One intra-op pool over the cores this process may use (not the host's count, which a
     # container or taskset may cap); batches arrive one at a time, so inter-op threads add nothing.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    opts.intra_op_num_threads = cores or 1
+    opts.intra_op_num_threads = threads or cores or 1
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     return ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
 
 
-def compile_onnx(model: keras.Model, size: int) -> Infer:
+def compile_onnx(model: keras.Model, size: int, threads: Optional[int] = None) -> Infer:
     """``model`` on ONNX Runtime: ``(B, size, size, 3)`` uint8 → its float32 outputs, ``B`` >= 1.
 
     ONNX Runtime's CPU kernels compute each image independently of the batch size and of its
     position in the batch, bit for bit (tests/test_engines.py checks it), so unlike
     :func:`pipeline.inference.compile_uint8` no batch needs padding.
     """
-    session = onnx_session(to_onnx(model, size))
+    session = onnx_session(to_onnx(model, size), threads)
     name = session.get_inputs()[0].name
 
     def infer(batch: np.ndarray) -> np.ndarray:
@@ -89,13 +92,15 @@ def compile_onnx(model: keras.Model, size: int) -> Infer:
     return infer
 
 
-def compile_engine(model: keras.Model, size: int, engine: Engine, batch_size: int) -> Infer:
+def compile_engine(model: keras.Model, size: int, engine: Engine, batch_size: int,
+                   threads: Optional[int] = None) -> Infer:
     """``model`` on ``engine``: uint8 ``(B, size, size, 3)`` → float32 outputs (converted/traced once here).
 
     ``batch_size``: TensorFlow runs every pass at that one shape (see :func:`pipeline.inference.compile_uint8`).
+    ``threads``: ONNX Runtime's intra-op threads (None: every core this process may use).
     """
     if engine == "tensorflow":
         return compile_uint8(model, size, batch_size)
     if engine == "onnxruntime":
-        return compile_onnx(model, size)
+        return compile_onnx(model, size, threads)
     raise ValueError(f"unknown inference engine {engine!r}; use one of {ENGINES}")

@@ -12,8 +12,6 @@ stored float32) and ``extract.gpu_batch_size``.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import tempfile
 import time
@@ -22,101 +20,25 @@ from typing import Optional
 
 import h5py
 import keras
-import numpy as np
 import tensorflow as tf
 
-from pipeline.augment import augment_uint8, view_key
 from pipeline.backbones import build_backbone, feature_provenance, image_size
 from pipeline.engines import compile_engine, engine_version, resolve_engine
 from pipeline.feature_cache import FeatureCache, file_digests, model_key
+from pipeline.feature_work import augment_spec, compute_missing, plan_work, view_digest
 from pipeline.features import create_feature_file
-from pipeline.inference import Infer, batched_images, batched_outputs
 from pipeline.io_utils import atomic_path, library_versions, read_json, setup_logging, user_errors, write_json
 from pipeline.manifest import SPLITS, read_manifest
-from pipeline.params import AugmentParams, Params, as_dict, load_params
+from pipeline.params import Params, load_params
+from pipeline.ray_extract import actor_gpus, compute_missing_ray
 
 log = logging.getLogger(__name__)
 
 # The params this stage reads: exactly its `params:` in dvc.yaml (a test checks both agree).
 PARAMS = ("backbone", "augment", "extract")
 
-# Features are committed to the cache every this many images: what a kill -9 can lose.
-CHUNK_IMAGES = 256
 # Rows copied from the cache into a split file at a time (bounded memory).
 WRITE_BLOCK = 1024
-
-
-def compute_missing(infer: Infer, cache: FeatureCache, paths: list[str], digests: list[bytes],
-                    size: int, batch_size: int) -> tuple[int, float]:
-    """Compute features of images whose digest is not cached; returns (images computed, seconds)."""
-    todo: dict[bytes, str] = {}
-    for path, digest in zip(paths, digests):
-        if digest not in cache and digest not in todo:
-            todo[digest] = path
-    if not todo:
-        return 0, 0.0
-    todo_digests, todo_paths = list(todo), list(todo.values())
-    pending_d: list[bytes] = []
-    pending_f: list[np.ndarray] = []
-    done = 0
-    t0 = time.perf_counter()
-    for feats, _ in batched_outputs(infer, todo_paths, size, batch_size, desc="extract"):
-        n = len(feats)
-        pending_d.extend(todo_digests[done:done + n])
-        pending_f.append(feats)
-        done += n
-        if len(pending_d) >= CHUNK_IMAGES:
-            cache.add_chunk(pending_d, np.concatenate(pending_f))
-            pending_d, pending_f = [], []
-    cache.add_chunk(pending_d, np.concatenate(pending_f) if pending_f else np.zeros((0, cache.dim)))
-    if done != len(todo_paths):
-        raise RuntimeError(f"extracted {done} of {len(todo_paths)} images")
-    return done, time.perf_counter() - t0
-
-
-def view_digest(digest: bytes, view: int, spec: str) -> bytes:
-    """Cache key of view ``view`` of an image: its content digest, the view index and the augment params."""
-    return hashlib.sha256(b"view\0" + digest + view.to_bytes(4, "little") + spec.encode()).digest()
-
-
-def compute_missing_views(infer: Infer, cache: FeatureCache, paths: list[str], digests: list[bytes],
-                          views: int, augment: AugmentParams, size: int, batch_size: int) -> tuple[int, float]:
-    """Features of the augmented views (:mod:`pipeline.augment`) that are not cached; returns (views computed,
-    seconds). Each image is decoded once for all of its missing views; a view is rounded to uint8,
-    as a decoded image is, and goes through the same ``infer`` as the clean images."""
-    spec = augment_spec(augment)
-    todo: dict[bytes, tuple[str, list[int]]] = {}
-    for path, digest in zip(paths, digests):
-        missing = [k for k in range(views) if view_digest(digest, k, spec) not in cache]
-        if missing and digest not in todo:
-            todo[digest] = (path, missing)
-    if not todo:
-        return 0, 0.0
-    items = list(todo.items())
-    pending_d: list[bytes] = []
-    pending_f: list[np.ndarray] = []
-    done, start = 0, 0
-    t0 = time.perf_counter()
-    for images, _ in batched_images([path for _, (path, _) in items], size, batch_size, desc="views"):
-        batch = items[start:start + len(images)]
-        start += len(images)
-        for k in range(views):
-            rows = [i for i, (_, (_, missing)) in enumerate(batch) if k in missing]
-            if not rows:
-                continue
-            keys = [view_key(batch[i][0], k) for i in rows]
-            pending_f.append(infer(augment_uint8(images[rows], augment, keys)))
-            pending_d.extend(view_digest(batch[i][0], k, spec) for i in rows)
-            done += len(rows)
-        if len(pending_d) >= CHUNK_IMAGES:
-            cache.add_chunk(pending_d, np.concatenate(pending_f))
-            pending_d, pending_f = [], []
-    cache.add_chunk(pending_d, np.concatenate(pending_f) if pending_f else np.zeros((0, cache.dim)))
-    return done, time.perf_counter() - t0
-
-
-def augment_spec(augment: AugmentParams) -> str:
-    return json.dumps(as_dict(augment), sort_keys=True)
 
 
 def write_split(out: Path, cache: FeatureCache, digests: list[bytes], labels: list[int], rel_paths: list[str],
@@ -147,6 +69,8 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, outs: dict[str, Pa
     index = {c: i for i, c in enumerate(classes)}
     size = image_size(params.backbone)
     gpus = tf.config.list_physical_devices("GPU")
+    if params.extract.executor == "ray":
+        gpus = actor_gpus(params.extract)  # the actors' devices decide engine, precision and batch
     engine = resolve_engine(params.extract.engine, bool(gpus))
     on_gpu = bool(gpus) and engine == "tensorflow"
     batch_size = params.extract.gpu_batch_size if on_gpu else params.extract.batch_size
@@ -172,16 +96,21 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, outs: dict[str, Pa
     digests = file_digests(paths)
     views = params.extract.augmented_views
     spec = augment_spec(params.augment)
-    train_rows = [i for i, it in enumerate(items) if it.split == "train"]
     with tempfile.TemporaryDirectory(prefix="feature-cache-") as scratch:
         cache = FeatureCache(cache_dir if cache_dir is not None else Path(scratch), key, desc, dim)
         cached_before = sum(1 for d in set(digests) if d in cache)
-        # Converted / traced once, before any clock starts: a one-off, not throughput.
-        infer = compile_engine(backbone, size, engine, batch_size)
-        computed, seconds = compute_missing(infer, cache, paths, digests, size, batch_size)
-        views_computed, view_seconds = compute_missing_views(
-            infer, cache, [paths[i] for i in train_rows], [digests[i] for i in train_rows], views,
-            params.augment, size, batch_size) if views and "train" in outs else (0, 0.0)
+        work = plan_work(cache, paths, digests, [it.split == "train" for it in items],
+                         views if "train" in outs else 0, spec)
+        computed, views_computed = sum(w.clean for w in work), sum(len(w.views) for w in work)
+        if not work:
+            seconds = 0.0
+        elif params.extract.executor == "ray":
+            seconds = compute_missing_ray(cache, work, params.backbone, params.extract, params.augment, spec,
+                                          engine, precision, size, batch_size)
+        else:
+            # Converted / traced once, before any clock starts: a one-off, not throughput.
+            infer = compile_engine(backbone, size, engine, batch_size)
+            seconds = compute_missing(infer, cache, work, params.augment, spec, size, batch_size)
         for split, out in outs.items():
             rows = [i for i, it in enumerate(items) if it.split == split]
             k = views if split == "train" else 0
@@ -192,10 +121,11 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, outs: dict[str, Pa
     total = time.perf_counter() - t0
     result = {
         "images": len(items), "computed": computed, "reused": cached_before,
-        "images_per_second": round(computed / seconds, 2) if seconds > 0 else None,
+        # Forward passes (images and augmented views) per second of the compute loop, decode included.
+        "images_per_second": round((computed + views_computed) / seconds, 2) if seconds > 0 else None,
         "compute_seconds": round(seconds, 2), "augmented_views_computed": views_computed,
-        "augmented_views_seconds": round(view_seconds, 2), "total_seconds": round(total, 2),
-        "device": "GPU" if on_gpu else "CPU", "engine": engine, "precision": precision, "batch_size": batch_size,
+        "total_seconds": round(total, 2), "device": "GPU" if on_gpu else "CPU", "engine": engine,
+        "precision": precision, "batch_size": batch_size, "executor": params.extract.executor,
     }
     log.info("%d images: %d computed (%s img/s), %d unique reused from the cache, %.1fs in all",
              len(items), computed, result["images_per_second"], cached_before, total)

@@ -12,16 +12,21 @@ key* = hash of backbone, weights sha256, image size, pooling, preprocessing, the
 engine with its version and precision, TensorFlow / Keras versions and the source of every
 module that decodes images, builds the backbone or runs it (:func:`feature_code_files`, derived from the imports).
 
-Layout: ``<cache_dir>/<model_key>/meta.json`` and chunks ``<n>.feats.npy`` (M, D) float32 +
-``<n>.keys.npy`` (M, 32) uint8 digests. A chunk is committed when its keys file appears
+Layout: ``<cache_dir>/<model_key>/meta.json`` and chunks ``<id>.feats.npy`` (M, D) float32 +
+``<id>.keys.npy`` (M, 32) uint8 digests. A chunk is committed when its keys file appears
 (written last, atomically), so a kill -9 loses at most the chunk being filled and a
-rerun resumes from the committed ones.
+rerun resumes from the committed ones. Chunk ids are unique per writer (time + random), so
+several writers (two extract runs, or the actors of ``extract.executor: ray``) can commit
+into one folder at once without overwriting each other; an image computed by two writers
+has the same features in both chunks, so either copy serves.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import time
+import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,6 +45,28 @@ MAX_MAPPED_CHUNKS = 4
 # image → output path, and the augmentation of cached views, with everything they import
 # (derived, never listed by hand). An edit to any of them invalidates the cache.
 FEATURE_CODE = ("pipeline.backbones", "pipeline.engines", "pipeline.inference", "pipeline.augment")
+
+
+def new_chunk_id() -> str:
+    """A chunk id no other writer can pick: nanosecond time (ids sort by age) + 48 random bits."""
+    return f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
+
+
+def write_chunk(key_dir: Path, digests: Sequence[bytes], features: np.ndarray) -> str:
+    """Commit ``features`` (M, D) float32 for ``digests`` into ``key_dir``: feats first, keys last (the commit).
+
+    Safe with concurrent writers and kills: each file is written under a temporary name and
+    renamed, and the keys file that makes the chunk visible appears only after its features.
+    Returns the chunk id.
+    """
+    chunk = new_chunk_id()
+    features = np.ascontiguousarray(features, dtype=np.float32)
+    with atomic_path(Path(key_dir) / f"{chunk}.feats.npy", suffix=".npy") as tmp:
+        np.save(tmp, features)
+    keys = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(len(digests), DIGEST_BYTES)
+    with atomic_path(Path(key_dir) / f"{chunk}.keys.npy", suffix=".npy") as tmp:
+        np.save(tmp, keys)
+    return chunk
 
 
 def file_digests(paths: Sequence[str], workers: int = 4) -> list[bytes]:
@@ -92,10 +119,20 @@ class FeatureCache:
             write_json(meta, {**desc, "feature_dim": dim})
         self._index: dict[bytes, tuple[int, int]] = {}
         self._chunks: list[Path] = []
-        self._next = 0
-        for keys_file in sorted(self.dir.glob("*.keys.npy"), key=lambda p: int(p.name.split(".")[0])):
-            n = int(keys_file.name.split(".")[0])
-            feats_file = self.dir / f"{n}.feats.npy"
+        self._seen: set[str] = set()
+        # Memory-mapped pages count towards RSS, so only a few chunks stay mapped at a time.
+        self._open: "OrderedDict[int, np.ndarray]" = OrderedDict()
+        self.refresh()
+
+    def refresh(self) -> int:
+        """Index the chunks committed since the last scan (by other writers too); returns how many."""
+        added = 0
+        for keys_file in sorted(self.dir.glob("*.keys.npy")):
+            chunk = keys_file.name[:-len(".keys.npy")]
+            if chunk in self._seen:
+                continue
+            self._seen.add(chunk)
+            feats_file = self.dir / f"{chunk}.feats.npy"
             keys = np.load(keys_file)
             if not feats_file.is_file() or keys.ndim != 2 or keys.shape[1] != DIGEST_BYTES:
                 log.warning("ignoring damaged cache chunk %s", keys_file)
@@ -104,9 +141,8 @@ class FeatureCache:
             self._chunks.append(feats_file)
             for row, digest in enumerate(keys):
                 self._index[digest.tobytes()] = (slot, row)
-            self._next = max(self._next, n + 1)
-        # Memory-mapped pages count towards RSS, so only a few chunks stay mapped at a time.
-        self._open: "OrderedDict[int, np.ndarray]" = OrderedDict()
+            added += 1
+        return added
 
     def __len__(self) -> int:
         return len(self._index)
@@ -115,20 +151,13 @@ class FeatureCache:
         return digest in self._index
 
     def add_chunk(self, digests: Sequence[bytes], features: np.ndarray) -> None:
-        """Commit ``features`` (M, D) float32 for ``digests``: feats first, keys last (the commit)."""
+        """Commit ``features`` (M, D) float32 for ``digests`` (see :func:`write_chunk`) and index them."""
         if len(digests) == 0:
             return
-        features = np.ascontiguousarray(features, dtype=np.float32)
-        n = self._next
-        self._next += 1
-        feats_file, keys_file = self.dir / f"{n}.feats.npy", self.dir / f"{n}.keys.npy"
-        with atomic_path(feats_file, suffix=".npy") as tmp:
-            np.save(tmp, features)
-        keys = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(len(digests), DIGEST_BYTES)
-        with atomic_path(keys_file, suffix=".npy") as tmp:
-            np.save(tmp, keys)
+        chunk = write_chunk(self.dir, digests, features)
+        self._seen.add(chunk)
         slot = len(self._chunks)
-        self._chunks.append(feats_file)
+        self._chunks.append(self.dir / f"{chunk}.feats.npy")
         for row, d in enumerate(digests):
             self._index[d] = (slot, row)
 

@@ -57,6 +57,17 @@ class BackboneParams:
 
 
 @dataclass(frozen=True)
+class RayParams:
+    # Ray cluster address (e.g. ray://head:10001); null = $RAY_ADDRESS, else a local Ray.
+    address: Optional[str] = None
+    actors: int = field(default=2, metadata=_range(1, 100000))
+    cpus_per_actor: float = field(default=1.0, metadata=_range(0.0, 1024.0, lo_open=True))
+    gpus_per_actor: float = field(default=0.0, metadata=_range(0.0, 64.0))
+    # Images per Ray batch (whole model batches): one committed cache chunk each.
+    batch_size: int = field(default=256, metadata=_range(1, 65536))
+
+
+@dataclass(frozen=True)
 class ExtractParams:
     batch_size: int = field(default=32, metadata=_range(1, 4096))
     gpu_batch_size: int = field(default=256, metadata=_range(1, 65536))
@@ -65,6 +76,9 @@ class ExtractParams:
     augmented_views: int = field(default=4, metadata=_range(0, 64))
     # auto: TensorFlow on a GPU, ONNX Runtime on CPU (pipeline/engines.py).
     engine: Literal["auto", "tensorflow", "onnxruntime"] = "auto"
+    # local: this process; ray: Ray Data actors (see pipeline/ray_extract.py), same features.
+    executor: Literal["local", "ray"] = "local"
+    ray: RayParams = RayParams()
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ import numpy as np
 import yaml
 from conftest import ROOT, as_params, make_images, tiny_params
 
-from pipeline import extract, prepare
-from pipeline.manifest import SPLITS
+from pipeline import extract, feature_work, prepare
+from pipeline.manifest import SPLITS, read_manifest
 
 
 def _setup(tmp_path: Path, per_class: int = 12, **overrides):
@@ -77,7 +77,7 @@ def test_other_image_size_does_not_reuse_features(tmp_path):
 def test_small_chunks_give_the_same_files(tmp_path, monkeypatch):
     raw, params = _setup(tmp_path, **{"extract.augmented_views": 0})
     _, big = _extract(raw, params, tmp_path / "big", tmp_path / "c1")
-    monkeypatch.setattr(extract, "CHUNK_IMAGES", 5)
+    monkeypatch.setattr(feature_work, "CHUNK_IMAGES", 5)
     monkeypatch.setattr(extract, "WRITE_BLOCK", 4)
     _, small = _extract(raw, params, tmp_path / "small", tmp_path / "c2")
     (key_dir,) = [d for d in (tmp_path / "c2").iterdir() if d.is_dir()]
@@ -110,13 +110,19 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     committed = sum(len(np.load(f)) for f in cache.glob("*/*.keys.npy"))
-    assert 0 < committed < 900
+    import h5py
+    n_train = len(read_manifest(proj / "manifest.csv", splits=("train",)))
+    outputs = 900 + n_train  # every image, and one augmented view (tiny_params) of each training image
+    assert 0 < committed < outputs
     # Nothing partial where a later stage would look: the split files do not exist yet.
     assert not any((proj / f"{s}.h5").exists() for s in SPLITS)
     subprocess.run(cmd, cwd=proj, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import json
     m = json.loads((proj / "m.json").read_text())
-    assert m["reused"] == committed and m["computed"] == 900 - committed
+    assert 0 < m["reused"] and m["computed"] == 900 - m["reused"]
+    assert m["computed"] + m["augmented_views_computed"] == outputs - committed  # nothing computed twice
+    with h5py.File(proj / "train.h5") as h5:
+        assert len(h5["features"]) == n_train
     fresh = {s: tmp_path / "fresh" / f"{s}.h5" for s in SPLITS}
     extract.run(raw_dir=raw, manifest=proj / "manifest.csv", classes_json=proj / "classes.json", outs=fresh,
                 params=params)
