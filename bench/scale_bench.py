@@ -18,8 +18,10 @@ measures wall seconds and peak RSS (`wait4`):
 
 The model is not what is measured here (its per-image cost is constant: bench/extract_bench.py),
 so the backbone runs at image_size 32 and augmented views are off. The exponent k of each
-row is the slope of log(seconds) between the two largest sizes measured; 1 M and 10 M images
-are projected as t(N) = t(N_max) * (N / N_max)^max(k, 1) (never better than linear).
+row is the slope of log(seconds) between the two largest sizes measured (start-up included, so
+below 1 where a fixed cost still weighs). 1 M and 10 M images are projected from the two
+largest sizes: linearly (fixed cost + the measured cost per extra image) where k <= 1.1, else
+as t(N_max) * (N / N_max)^k.
 """
 from __future__ import annotations
 
@@ -141,7 +143,8 @@ def main() -> None:
             (n1, t1, r1), (n2, t2, r2) = pts[-2], pts[-1]
             k = math.log(t2 / t1) / math.log(n2 / n1)
             kr = math.log(r2 / r1) / math.log(n2 / n1)
-            proj = [t2 * (m / n2) ** max(k, 1.0) for m in (1e6, 1e7)]
+            per_image = (t2 - t1) / (n2 - n1)
+            proj = [t2 + (m - n2) * per_image if k <= 1.1 else t2 * (m / n2) ** k for m in (1e6, 1e7)]
             tail = f"{k:.2f} | {kr:.2f} | {fmt(proj[0])} | {fmt(proj[1])}"
         else:
             tail = "— | — | — | —"

@@ -179,5 +179,42 @@ def unfreeze_from(base: keras.Model, layer_name: str, backbone_name: str) -> int
     return len(base.trainable_weights)
 
 
+def fold_bn_scale(base: keras.Model) -> int:
+    """Move each inference-mode BatchNormalization's per-channel scale into the trainable conv before it.
+
+    BN in inference mode computes ``s * (z - mean) + beta`` with ``s = gamma / sqrt(var + eps)``
+    on the conv output ``z = W x (+ b)``. Rewriting ``W <- s W``, ``b <- s b``, ``mean <- s mean``,
+    ``gamma <- 1``, ``var <- 1 - eps`` gives the same function (to float rounding) and the same
+    architecture, but changes how a gradient step moves it: before, a step ``dW`` changed the
+    channel's output by ``s dW`` and SGD's step itself scaled with ``s``, so each channel learnt
+    at ``s**2`` times the learning rate (``s`` spans 0.15-48 in EfficientNet-Lite0's top blocks: a
+    10^5 spread). After it, every channel learns at the one rate. Only BN layers whose conv is
+    trainable are rewritten. Returns how many.
+    """
+    folded = 0
+    for layer in base.layers:
+        if not isinstance(layer, keras.layers.BatchNormalization) or len(layer._inbound_nodes) != 1:
+            continue
+        parents = layer._inbound_nodes[0].parent_nodes
+        conv = parents[0].operation if len(parents) == 1 else None
+        if not isinstance(conv, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)) or not conv.trainable:
+            continue
+        if not (layer.scale and layer.center) or layer.axis not in (-1, 3):
+            continue
+        gamma, beta, mean, var = (np.asarray(w, np.float64) for w in layer.get_weights())
+        s = gamma / np.sqrt(var + layer.epsilon)
+        weights = [np.asarray(w, np.float64) for w in conv.get_weights()]
+        kernel = weights[0]
+        # Conv2D kernel (kh, kw, in, out); DepthwiseConv2D (kh, kw, in, multiplier), out = in * multiplier.
+        weights[0] = kernel * (s.reshape(kernel.shape[2:]) if isinstance(conv, keras.layers.DepthwiseConv2D) else s)
+        if len(weights) > 1:
+            weights[1] = weights[1] * s
+        conv.set_weights([w.astype(np.float32) for w in weights])
+        layer.set_weights([np.ones_like(gamma, np.float32), beta.astype(np.float32), (s * mean).astype(np.float32),
+                           np.full(var.shape, 1.0 - layer.epsilon, np.float32)])
+        folded += 1
+    return folded
+
+
 def count_params(weights: list) -> int:
     return int(sum(np.prod(w.shape) for w in weights))

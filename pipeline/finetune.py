@@ -27,6 +27,7 @@ from pipeline.backbones import (
     build_backbone,
     count_params,
     feature_provenance,
+    fold_bn_scale,
     get_base,
     image_size,
     unfreeze_from,
@@ -209,6 +210,8 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path
                            labels=[index[it.label] for it in val])
     if p.epochs > 0:
         n_trainable = unfreeze_from(base, p.unfreeze_from, params.backbone.name)
+        if p.fold_bn:
+            log.info("BatchNorm scale folded into %d unfrozen conv layers (finetune.fold_bn)", fold_bn_scale(base))
         log.info("unfrozen from %s: %d trainable tensors, %d trainable params", p.unfreeze_from, n_trainable,
                  count_params(stacked.trainable_weights))
     # Compiled once, after the trainable set is final, so the optimizer sees exactly what trains;

@@ -118,6 +118,8 @@ class AugmentParams:
 class FinetuneParams:
     epochs: int = field(default=6, metadata=_range(0, 10000))
     unfreeze_from: str = "block6a_expand_conv"
+    # Move each BN's scale into its trainable conv before training (backbones.fold_bn_scale).
+    fold_bn: bool = True
     # sgd: momentum SGD; adam; adamw: Adam with decoupled weight decay (finetune.weight_decay).
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     # Peak learning rate (reached after the warm-up).

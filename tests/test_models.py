@@ -9,7 +9,15 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from pipeline import extract, finetune, prepare, train_head
-from pipeline.backbones import BackboneError, block_boundaries, build_backbone, get_base, resolve_weights, unfreeze_from
+from pipeline.backbones import (
+    BackboneError,
+    block_boundaries,
+    build_backbone,
+    fold_bn_scale,
+    get_base,
+    resolve_weights,
+    unfreeze_from,
+)
 from pipeline.features import ProvenanceError, read_features
 from pipeline.images import load_batch
 from pipeline.manifest import SPLITS
@@ -165,3 +173,37 @@ def test_explicit_weights_file_is_loaded_and_a_foreign_one_refused(tmp_path):
         build_backbone(wrong.backbone)
     with pytest.raises(BackboneError, match="neither 'imagenet'"):
         resolve_weights(parse_params({"backbone": {"weights": str(tmp_path / "missing.h5")}}).backbone)
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "mobilenet_v2"])
+def test_fold_bn_scale_keeps_the_function_and_folds_only_the_unfrozen_convs(backbone):
+    # efficientnet_lite0 with its real ImageNet weights (BN scales far from 1); mobilenet_v2 from
+    # keras.applications (random weights, offline): the conv → BN lookup on another graph.
+    weights = "imagenet" if backbone == "efficientnet_lite0" else "none"
+    params = parse_params(tiny_params(**{"backbone.name": backbone, "backbone.weights": weights}))
+    model = build_backbone(params.backbone)
+    base = get_base(model)
+    x = np.random.default_rng(0).uniform(0, 255, (4, 64, 64, 3)).astype(np.float32)
+    before = model(x, training=False).numpy()
+    frozen_before = {layer.name: [w.copy() for w in layer.get_weights()] for layer in base.layers
+                     if isinstance(layer, keras.layers.BatchNormalization)}
+    boundary = block_boundaries(base, backbone)[-3]
+    unfreeze_from(base, boundary, backbone)
+    folded = fold_bn_scale(base)
+    after = model(x, training=False).numpy()
+    assert folded > 0
+    scale = np.abs(before).max()
+    assert np.max(np.abs(after - before)) <= 1e-5 * max(scale, 1.0), "folding changed the backbone's output"
+    n_unit = 0
+    for layer in base.layers:
+        if not isinstance(layer, keras.layers.BatchNormalization):
+            continue
+        gamma, _, _, var = layer.get_weights()
+        conv = layer._inbound_nodes[0].parent_nodes[0].operation
+        if conv.trainable and isinstance(conv, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
+            assert np.allclose(gamma / np.sqrt(var + layer.epsilon), 1.0, atol=1e-6)
+            n_unit += 1
+        else:  # below the unfrozen blocks: untouched
+            for w, w0 in zip(layer.get_weights(), frozen_before[layer.name]):
+                np.testing.assert_array_equal(w, w0)
+    assert n_unit == folded
