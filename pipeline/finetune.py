@@ -15,13 +15,16 @@ run (see :mod:`pipeline.resume`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import time
 from pathlib import Path
+from typing import Optional
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from pipeline.backbones import (
     build_backbone,
@@ -120,19 +123,36 @@ def _parity_on_val(stacked: keras.Model, head: keras.Model, raw_dir: Path, val: 
     return diff
 
 
-def learning_rate_schedule(p: FinetuneParams, steps_per_epoch: int) -> keras.optimizers.schedules.LearningRateSchedule:
-    """Linear warm-up from 0 to ``learning_rate`` over ``warmup_epochs``, then constant or a cosine decay
-    to 0 at the end of epoch ``epochs``; a function of the optimizer's step count only, so a resumed run
-    continues the same curve. A run no longer than the warm-up is all warm-up."""
+def default_strategy() -> Optional[tf.distribute.Strategy]:
+    """``MirroredStrategy`` over every local GPU when TensorFlow sees more than one; None (one device) otherwise."""
+    gpus = tf.config.list_logical_devices("GPU")
+    return tf.distribute.MirroredStrategy([g.name for g in gpus]) if len(gpus) > 1 else None
+
+
+def replica_lr_scale(optimizer: str, replicas: int) -> float:
+    """Learning-rate factor for a global batch ``replicas`` × ``finetune.batch_size``: linear for SGD (the
+    linear scaling rule of Goyal et al. 2017, which needs the warm-up we have), square root for Adam /
+    AdamW, whose steps are already normalized by the gradient's scale."""
+    if replicas <= 1:
+        return 1.0
+    return float(replicas) if optimizer == "sgd" else math.sqrt(replicas)
+
+
+def learning_rate_schedule(p: FinetuneParams, steps_per_epoch: int,
+                           scale: float = 1.0) -> keras.optimizers.schedules.LearningRateSchedule:
+    """Linear warm-up from 0 to ``learning_rate`` × ``scale`` over ``warmup_epochs``, then constant or a cosine
+    decay to 0 at the end of epoch ``epochs``; a function of the optimizer's step count only, so a resumed
+    run continues the same curve. A run no longer than the warm-up is all warm-up."""
+    peak = p.learning_rate * scale
     total = max(1, p.epochs * steps_per_epoch)
     warm = min(int(round(p.warmup_epochs * steps_per_epoch)), total)
     return keras.optimizers.schedules.CosineDecay(
-        0.0 if warm else p.learning_rate, decay_steps=max(1, total - warm),
+        0.0 if warm else peak, decay_steps=max(1, total - warm),
         alpha=1.0 if p.schedule == "constant" else 0.0,  # alpha = 1: no decay
-        warmup_target=p.learning_rate if warm else None, warmup_steps=warm)
+        warmup_target=peak if warm else None, warmup_steps=warm)
 
 
-def build_optimizer(p: FinetuneParams, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+def build_optimizer(p: FinetuneParams, steps_per_epoch: int, replicas: int = 1) -> keras.optimizers.Optimizer:
     """``finetune.optimizer`` (sgd with momentum, adam or adamw) with the warm-up + decay schedule.
 
     Measured on simpsons_dev (README "Fine-tuning that pays"): with the same warm-up and cosine
@@ -140,7 +160,7 @@ def build_optimizer(p: FinetuneParams, steps_per_epoch: int) -> keras.optimizers
     that moves the network at all, the epochs at the peak rate raise the val loss before the
     decay brings it down, which the warm-up and the decay keep short.
     """
-    lr = learning_rate_schedule(p, steps_per_epoch)
+    lr = learning_rate_schedule(p, steps_per_epoch, replica_lr_scale(p.optimizer, replicas))
     if p.optimizer == "sgd":
         return keras.optimizers.SGD(lr, momentum=p.momentum, weight_decay=p.weight_decay or None)
     if p.optimizer == "adamw":
@@ -148,14 +168,14 @@ def build_optimizer(p: FinetuneParams, steps_per_epoch: int) -> keras.optimizers
     return keras.optimizers.Adam(lr)
 
 
-def _compile(model: keras.Model, p: FinetuneParams, steps_per_epoch: int) -> None:
-    model.compile(optimizer=build_optimizer(p, steps_per_epoch),
+def _compile(model: keras.Model, p: FinetuneParams, steps_per_epoch: int, replicas: int) -> None:
+    model.compile(optimizer=build_optimizer(p, steps_per_epoch, replicas),
                   loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
 
 
 def _train(stacked: keras.Model, state: TrainState, params: Params, raw_dir: Path, train: list[Item],
            labels: list[int], n_classes: int, val_ds, fp: str, checkpoint: Path | None,
-           live) -> tuple[TrainState, bool]:
+           live, replicas: int) -> tuple[TrainState, bool]:
     """Resume from ``checkpoint`` when it belongs to this run, then fit the remaining epochs.
 
     Returns the final state (history, best epoch and its weights) and whether ``fit`` ran.
@@ -170,8 +190,10 @@ def _train(stacked: keras.Model, state: TrainState, params: Params, raw_dir: Pat
             log_history(live, state.rows[1:])
     if state.epoch >= p.epochs or state.stopped:
         return state, False
-    train_ds, steps = training_stream([str(raw_dir / it.path) for it in train], labels, size, p.batch_size,
-                                      params.augment, params.seed, state.epoch, p.epochs)
+    # finetune.batch_size images per replica: one global batch of that many times the replicas.
+    train_ds, steps = training_stream([str(raw_dir / it.path) for it in train], labels, size,
+                                      p.batch_size * replicas, params.augment, params.seed, state.epoch, p.epochs,
+                                      replicas)
     stacked.fit(train_ds, steps_per_epoch=steps, validation_data=val_ds, initial_epoch=state.epoch,
                 epochs=p.epochs, verbose=2, shuffle=False,  # each epoch's stream is already shuffled
                 class_weight=class_weights(np.asarray(labels), n_classes, p.class_weight),
@@ -181,8 +203,13 @@ def _train(stacked: keras.Model, state: TrainState, params: Params, raw_dir: Pat
 
 def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path, head_path: Path,
         model_out: Path, history_out: Path, metrics_out: Path, params: Params,
-        live_dir: Path | None = None, checkpoint: Path | None = None) -> dict:
+        live_dir: Path | None = None, checkpoint: Path | None = None,
+        strategy: Optional[tf.distribute.Strategy] = None) -> dict:
     """Fine-tune and save ``model_out``; returns the metrics written to ``metrics_out``.
+
+    ``strategy`` None: :func:`default_strategy` (MirroredStrategy when TensorFlow sees several GPUs).
+    Under a strategy with R replicas each step trains on R × ``finetune.batch_size`` images and the
+    learning rate is scaled by :func:`replica_lr_scale`.
 
     With ``live_dir``, every epoch is also logged with dvclive (see :func:`start_live`).
     With ``checkpoint``, the training state is saved there after every epoch, and resumed
@@ -193,30 +220,38 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path
     classes = read_json(classes_json)["classes"]
     index = {c: i for i, c in enumerate(classes)}
     expected = feature_provenance(params.backbone, classes)
-    head, head_meta = load_model(head_path, expected)
-    val_fs = read_features(val_features, expected)
-    backbone = build_backbone(params.backbone)
-    keras.utils.set_random_seed(params.seed)
-    base = get_base(backbone)
-    if p.epochs > 0:  # a bad layer name fails here, before any expensive work
-        unfreeze_start(base, p.unfreeze_from, params.backbone.name)
-    stacked = build_stacked(backbone, head)
-    size = image_size(params.backbone)
-    parity = _parity_on_val(stacked, head, raw_dir, val_fs, size)
+    strategy = strategy if strategy is not None else default_strategy()
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    if replicas > 1:
+        log.info("%d replicas (%s): global batch %d, learning rate x %.3g", replicas, type(strategy).__name__,
+                 p.batch_size * replicas, replica_lr_scale(p.optimizer, replicas))
+    # Every variable (head, backbone, optimizer) is created under the strategy's scope.
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        head, head_meta = load_model(head_path, expected)
+        val_fs = read_features(val_features, expected)
+        backbone = build_backbone(params.backbone)
+        keras.utils.set_random_seed(params.seed)
+        base = get_base(backbone)
+        if p.epochs > 0:  # a bad layer name fails here, before any expensive work
+            unfreeze_start(base, p.unfreeze_from, params.backbone.name)
+        stacked = build_stacked(backbone, head)
+        size = image_size(params.backbone)
+        parity = _parity_on_val(stacked, head, raw_dir, val_fs, size)
 
-    train = read_manifest(manifest, splits=("train",))
-    val = read_manifest(manifest, splits=("val",))
-    val_ds = image_dataset([str(raw_dir / it.path) for it in val], size, p.batch_size,
-                           labels=[index[it.label] for it in val])
-    if p.epochs > 0:
-        n_trainable = unfreeze_from(base, p.unfreeze_from, params.backbone.name)
-        if p.fold_bn:
-            log.info("BatchNorm scale folded into %d unfrozen conv layers (finetune.fold_bn)", fold_bn_scale(base))
-        log.info("unfrozen from %s: %d trainable tensors, %d trainable params", p.unfreeze_from, n_trainable,
-                 count_params(stacked.trainable_weights))
-    # Compiled once, after the trainable set is final, so the optimizer sees exactly what trains;
-    # evaluating the head-only model (epoch 0) does not depend on which weights are trainable.
-    _compile(stacked, p, math.ceil(len(train) / p.batch_size))
+        train = read_manifest(manifest, splits=("train",))
+        val = read_manifest(manifest, splits=("val",))
+        val_ds = image_dataset([str(raw_dir / it.path) for it in val], size, p.batch_size,
+                               labels=[index[it.label] for it in val])
+        if p.epochs > 0:
+            n_trainable = unfreeze_from(base, p.unfreeze_from, params.backbone.name)
+            if p.fold_bn:
+                log.info("BatchNorm scale folded into %d unfrozen conv layers (finetune.fold_bn)", fold_bn_scale(base))
+            log.info("unfrozen from %s: %d trainable tensors, %d trainable params", p.unfreeze_from, n_trainable,
+                     count_params(stacked.trainable_weights))
+        # Compiled once, after the trainable set is final, so the optimizer sees exactly what trains;
+        # evaluating the head-only model (epoch 0) does not depend on which weights are trainable.
+        # training_stream's steps: whole multiples of the replicas, in global batches.
+        _compile(stacked, p, math.ceil((len(train) - len(train) % replicas) / (p.batch_size * replicas)), replicas)
     init_loss, init_acc = stacked.evaluate(val_ds, verbose=0)
     # Epoch 0 = the head-only model; it has no training loss, so those cells stay empty.
     state = TrainState(epoch=0, rows=[[0, "", "", float(init_loss), float(init_acc)]], best_loss=float(init_loss),
@@ -224,10 +259,10 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path
     live = start_live(live_dir, init_loss, init_acc) if live_dir is not None else None
     fitted = False
     if p.epochs > 0:
-        fp = fingerprint(params, expected, head_path, raw_dir, [(it.path, it.label, it.split) for it in train + val]) \
-            if checkpoint is not None else ""
+        fp = fingerprint(params, expected, head_path, raw_dir, [(it.path, it.label, it.split) for it in train + val],
+                         replicas) if checkpoint is not None else ""
         state, fitted = _train(stacked, state, params, raw_dir, train, [index[it.label] for it in train], len(classes),
-                        val_ds, fp, checkpoint, live)
+                               val_ds, fp, checkpoint, live, replicas)
         finish(stacked, state)
     if live is not None and not fitted:
         live.end()  # no fit, so no DVCLiveCallback to end the run

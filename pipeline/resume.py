@@ -57,8 +57,9 @@ class TrainState:
 
 
 def fingerprint(params: Params, provenance: dict, head_path: Path, raw_dir: Path,
-                items: Sequence[tuple[str, str, str]]) -> str:
-    """sha256 of everything that shapes the training trajectory; ``items`` (path, label, split)."""
+                items: Sequence[tuple[str, str, str]], replicas: int = 1) -> str:
+    """sha256 of everything that shapes the training trajectory; ``items`` (path, label, split), ``replicas``
+    (the global batch and learning rate scale with them)."""
     # More epochs continue the same run, unless the learning-rate curve depends on their number.
     ignored = ("epochs", "resume") if params.finetune.schedule == "constant" else ("resume",)
     p = {k: v for k, v in as_dict(params.finetune).items() if k not in ignored}
@@ -66,27 +67,34 @@ def fingerprint(params: Params, provenance: dict, head_path: Path, raw_dir: Path
     for path, label, split in sorted(items):
         images.update(json.dumps([path, label, split, sha256_file(raw_dir / path)]).encode())
     doc = {"format": FORMAT, "finetune": p, "augment": as_dict(params.augment), "seed": params.seed,
+           **({"replicas": replicas} if replicas > 1 else {}),
            "provenance": provenance,
            "head_sha256": sha256_file(head_path), "images": images.hexdigest(), "versions": library_versions()}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def training_stream(paths: Sequence[str], labels: Sequence[int], size: int, batch_size: int,
-                    augment: AugmentParams, seed: int, first_epoch: int, epochs: int) -> tuple[tf.data.Dataset, int]:
+                    augment: AugmentParams, seed: int, first_epoch: int, epochs: int,
+                    replicas: int = 1) -> tuple[tf.data.Dataset, int]:
     """Training batches of epochs ``first_epoch`` .. ``epochs - 1``, back to back → (dataset, steps per epoch).
 
     Batches are ``(B, size, size, 3)`` float32 [0, 255] images, augmented by
     :func:`pipeline.augment.augment` with image ``i``'s view of epoch ``e`` keyed by
     (seed, e, i), and ``(B,)`` int64 labels. Pass the steps to ``fit(steps_per_epoch=...)``:
     Keras then reads one iterator across epochs, so epoch ``e`` gets exactly its own batches.
+
+    ``replicas`` > 1 (``batch_size`` is then the global batch): each epoch uses the first
+    ``n - n % replicas`` images of its shuffled order, so every batch, the last included, splits
+    evenly over the replicas. Keras averages each replica's mean loss, so an uneven split
+    (5 images as 3 + 2) would weigh the images of the smaller part more than one device does.
     """
-    n = len(paths)
+    n = len(paths) - len(paths) % max(1, replicas)
     steps = math.ceil(n / batch_size)
     salt = seed % 2**32
 
     def batches() -> Iterator[tuple[tf.Tensor, tf.Tensor]]:
         for e in range(first_epoch, epochs):
-            order = np.random.default_rng([salt, e]).permutation(n)
+            order = np.random.default_rng([salt, e]).permutation(len(paths))[:n]
             ds = image_dataset([paths[i] for i in order], size, batch_size, labels=[labels[i] for i in order])
             for b, (x, y) in enumerate(ds):
                 keys = [[salt, e, int(i)] for i in order[b * batch_size:b * batch_size + len(y)]]
