@@ -123,7 +123,7 @@ class FinetuneParams:
     # sgd: momentum SGD; adam; adamw: Adam with decoupled weight decay (finetune.weight_decay).
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     # Peak learning rate (reached after the warm-up).
-    learning_rate: float = field(default=3e-5, metadata=_range(0.0, 1.0, lo_open=True))
+    learning_rate: float = field(default=1e-4, metadata=_range(0.0, 1.0, lo_open=True))
     # Linear warm-up from 0 over this many epochs (fractions allowed), then ``schedule``.
     warmup_epochs: float = field(default=1.0, metadata=_range(0.0, None))
     schedule: Literal["constant", "cosine"] = "cosine"

@@ -74,3 +74,17 @@ def test_flowers_head_and_finetune(tmp_path):
     # Fine-tuning keeps the best val epoch (epoch 0 = the head included), so it must not end below the head.
     assert ft["val_loss"] <= ft["head_only_val_loss"]
     assert report["finetuned"]["accuracy"] >= report["head"]["accuracy"]
+
+
+def test_simpsons_finetune_improves_val_loss(tmp_path):
+    # simpsons_dev: cartoon frames, far from ImageNet, where fine-tuning has the most to gain. Fine-tuning must
+    # improve on the head, not merely keep it: the default recipe, shortened to 4 epochs for CI's budget
+    # (measured: val loss 0.407 → 0.302, a 26 % cut), must cut the head's val loss by at least 15 %.
+    raw, params, feats = _through_head("simpsons_dev", tmp_path, finetune={"epochs": 4})
+    report, ft = _evaluate(raw, params, feats, tmp_path, epochs=4)
+    print(f"val loss head {ft['head_only_val_loss']:.4f} → fine-tuned {ft['val_loss']:.4f}; test log loss head "
+          f"{report['head']['log_loss']:.4f} → {report['finetuned']['log_loss']:.4f}")
+    assert ft["best_epoch"] >= 1
+    assert ft["val_loss"] <= 0.85 * ft["head_only_val_loss"]
+    assert report["finetuned"]["log_loss"] < report["head"]["log_loss"]
+    assert report["finetuned"]["accuracy"] >= report["head"]["accuracy"]
