@@ -6,6 +6,8 @@ training the stacking parity is asserted: on val images, stacked-model probabili
 equal the head's probabilities on the cached features (else preprocessing or pooling
 drifted between extract and here). The epoch kept is the one with the lowest val loss,
 epoch 0 (the head-only model) included, so fine-tuning never returns a worse model on val.
+With ``finetune.ema`` each epoch is measured, and kept, as the optimizer's moving average of
+the weights (:class:`pipeline.resume.Tracker`).
 
 With ``--checkpoint``, the state after every epoch is saved there (atomically), and with
 ``finetune.resume`` a run whose checkpoint belongs to the same params, head and images
@@ -161,11 +163,14 @@ def build_optimizer(p: FinetuneParams, steps_per_epoch: int, replicas: int = 1) 
     decay brings it down, which the warm-up and the decay keep short.
     """
     lr = learning_rate_schedule(p, steps_per_epoch, replica_lr_scale(p.optimizer, replicas))
+    # finetune.ema: Keras keeps the average in optimizer variables (so checkpoints carry it) and updates it
+    # inside the compiled train step.
+    ema = {"use_ema": p.ema > 0, "ema_momentum": p.ema} if p.ema > 0 else {}
     if p.optimizer == "sgd":
-        return keras.optimizers.SGD(lr, momentum=p.momentum, weight_decay=p.weight_decay or None)
+        return keras.optimizers.SGD(lr, momentum=p.momentum, weight_decay=p.weight_decay or None, **ema)
     if p.optimizer == "adamw":
-        return keras.optimizers.AdamW(lr, weight_decay=p.weight_decay)
-    return keras.optimizers.Adam(lr)
+        return keras.optimizers.AdamW(lr, weight_decay=p.weight_decay, **ema)
+    return keras.optimizers.Adam(lr, **ema)
 
 
 def _compile(model: keras.Model, p: FinetuneParams, steps_per_epoch: int, replicas: int) -> None:
@@ -194,10 +199,14 @@ def _train(stacked: keras.Model, state: TrainState, params: Params, raw_dir: Pat
     train_ds, steps = training_stream([str(raw_dir / it.path) for it in train], labels, size,
                                       p.batch_size * replicas, params.augment, params.seed, state.epoch, p.epochs,
                                       replicas)
-    stacked.fit(train_ds, steps_per_epoch=steps, validation_data=val_ds, initial_epoch=state.epoch,
-                epochs=p.epochs, verbose=2, shuffle=False,  # each epoch's stream is already shuffled
+    # With finetune.ema the Tracker measures val on the averaged weights itself; Keras' own validation
+    # would only measure the raw ones.
+    stacked.fit(train_ds, steps_per_epoch=steps, validation_data=None if p.ema else val_ds,
+                initial_epoch=state.epoch, epochs=p.epochs, verbose=2,
+                shuffle=False,  # each epoch's stream is already shuffled
                 class_weight=class_weights(np.asarray(labels), n_classes, p.class_weight),
-                callbacks=[Tracker(state, p.patience, checkpoint, fp), *live_callbacks(live)])
+                callbacks=[Tracker(state, p.patience, checkpoint, fp, ema_val=val_ds if p.ema else None),
+                           *live_callbacks(live)])
     return state, True
 
 

@@ -129,6 +129,9 @@ class FinetuneParams:
     schedule: Literal["constant", "cosine"] = "cosine"
     momentum: float = field(default=0.9, metadata=_range(0.0, 1.0, hi_open=True))
     weight_decay: float = field(default=0.0, metadata=_range(0.0, 1.0, hi_open=True))
+    # Momentum of an exponential moving average of the trained weights, updated every step; val
+    # is measured on (and the kept epoch is) the average. 0 = off, the weights as trained.
+    ema: float = field(default=0.98, metadata=_range(0.0, 1.0, hi_open=True))
     batch_size: int = field(default=16, metadata=_range(1, 4096))
     patience: int = field(default=3, metadata=_range(1, None))
     class_weight: Literal["none", "balanced"] = "none"

@@ -117,9 +117,9 @@ def save_checkpoint(path: Path, fp: str, state: TrainState, model: keras.Model) 
                 g = h5.create_group(group)
                 for i, a in enumerate(values):
                     g.create_dataset(str(i), data=a)
-            # The best weights are stored only when they are neither epoch 0's (rebuilt on every
-            # run) nor the current ones (in "model").
-            if 0 < state.best_epoch < state.epoch:
+            # The best weights are stored unless they are epoch 0's (rebuilt on every run) or the
+            # current ones (in "model"; never so with finetune.ema: the best are the averaged weights).
+            if 0 < state.best_epoch and (state.best_epoch < state.epoch or model.optimizer.use_ema):
                 g = h5.create_group("best")
                 for i, a in enumerate(state.best_weights):
                     g.create_dataset(str(i), data=a)
@@ -168,10 +168,10 @@ def restore_checkpoint(path: Path, fp: str, model: keras.Model, initial_weights:
                 raise
             if state.best_epoch == 0:
                 state.best_weights = initial_weights
-            elif state.best_epoch == state.epoch:
-                state.best_weights = model.get_weights()
-            else:
+            elif "best" in h5:
                 state.best_weights = [h5["best"][str(i)][...] for i in range(len(h5["best"]))]
+            else:
+                state.best_weights = model.get_weights()
     except (OSError, KeyError, ValueError, TypeError) as exc:
         log.warning("cannot resume from %s (%s): starting at epoch 0", path, exc)
         return None
@@ -180,24 +180,48 @@ def restore_checkpoint(path: Path, fp: str, model: keras.Model, initial_weights:
 
 class Tracker(keras.callbacks.Callback):
     """Keeps the epoch with the lowest val loss (epoch 0, the head-only model, included), stops
-    after ``patience`` epochs without improvement, and checkpoints after every epoch."""
+    after ``patience`` epochs without improvement, and checkpoints after every epoch.
 
-    def __init__(self, state: TrainState, patience: int, checkpoint: Optional[Path], fp: str):
+    With ``ema_val`` (the val dataset; the optimizer has ``use_ema``) each epoch is measured on the
+    optimizer's moving average of the weights instead of the weights as trained, the average is what
+    a best epoch keeps, and ``logs`` get its val metrics for the callbacks after this one.
+    """
+
+    def __init__(self, state: TrainState, patience: int, checkpoint: Optional[Path], fp: str, ema_val=None):
         super().__init__()
         self.state = state
         self.patience = patience
         self.checkpoint = checkpoint
         self.fp = fp
+        self.ema_val = ema_val
+
+    def _evaluate_average(self) -> tuple[float, float, list]:
+        """Val loss, accuracy and all weights with the moving average in place of the trained weights."""
+        trained = self.model.trainable_variables
+        raw = [v.numpy() for v in trained]
+        # The optimizer's averages, in the order of the variables it was built with (= trainable_variables),
+        # as Keras' own SwapEMAWeights reads them; swapped back from a copy, so training resumes bit-exact.
+        for v, a in zip(trained, self.model.optimizer._model_variables_moving_average):
+            v.assign(a)
+        loss, acc = self.model.evaluate(self.ema_val, verbose=0)
+        weights = self.model.get_weights()
+        for v, a in zip(trained, raw):
+            v.assign(a)
+        return float(loss), float(acc), weights
 
     def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
+        logs = logs if logs is not None else {}
         s = self.state
+        weights = None
+        if self.ema_val is not None:
+            logs["val_loss"], logs["val_accuracy"], weights = self._evaluate_average()
         val_loss = float(logs["val_loss"])
         s.rows.append([epoch + 1, float(logs["loss"]), float(logs["accuracy"]), val_loss,
                        float(logs["val_accuracy"])])
         s.epoch = epoch + 1
         if val_loss < s.best_loss:
-            s.best_loss, s.best_epoch, s.best_weights, s.wait = val_loss, epoch + 1, self.model.get_weights(), 0
+            s.best_loss, s.best_epoch, s.wait = val_loss, epoch + 1, 0
+            s.best_weights = weights if weights is not None else self.model.get_weights()
         else:
             s.wait += 1
             if s.wait >= self.patience:

@@ -430,3 +430,63 @@ def test_checkpoint_round_trip_and_refusals(tmp_path, caplog):
         assert "cannot resume from" in caplog.text
     for w, u in zip(c.get_weights(), untouched):
         np.testing.assert_array_equal(w, u)
+
+
+def _ema_model(seed: int):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(keras.layers.Dense(8, "relu")(inputs)))
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9, use_ema=True, ema_momentum=0.9),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def test_ema_tracker_measures_and_keeps_the_average_and_resumes_bit_exact(tmp_path):
+    # finetune.ema: val is measured on the optimizer's moving average, the kept epoch is the average, the
+    # trained weights go on untouched, and a run resumed from the checkpoint equals an uninterrupted one.
+    from pipeline.resume import Tracker
+
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype("int64")
+    import tensorflow as tf
+
+    val = tf.data.Dataset.from_tensor_slices((x[:16], y[:16])).batch(16)  # as finetune's val dataset
+
+    def start(seed):
+        model = _ema_model(seed)
+        loss, acc = model.evaluate(val, verbose=0)
+        return model, TrainState(epoch=0, rows=[[0, "", "", loss, acc]], best_loss=float("inf"),
+                                 best_weights=model.get_weights())
+
+    def fit(model, state, ckpt, first, last):
+        tracker = Tracker(state, patience=5, checkpoint=ckpt, fp="fp", ema_val=val)
+        model.fit(x, y, batch_size=16, initial_epoch=first, epochs=last, verbose=0, shuffle=False, callbacks=[tracker])
+        return tracker.state
+
+    ref, ref_state = start(1)
+    ref_state = fit(ref, ref_state, tmp_path / "ref.h5", 0, 3)
+    assert ref_state.best_epoch == 3  # a separable toy: every epoch improves
+    average = [np.asarray(a) for a in ref.optimizer._model_variables_moving_average]
+    for w, a in zip(ref_state.best_weights, average):  # the kept weights are the average...
+        np.testing.assert_array_equal(w, a)
+    with h5py.File(tmp_path / "ref.h5", "r") as h5:  # ...while the checkpoint's model holds the trained ones
+        trained = [h5["model"][str(i)][...] for i in range(len(average))]
+        best = [h5["best"][str(i)][...] for i in range(len(average))]
+    assert max(float(np.max(np.abs(a - t))) for a, t in zip(average, trained)) > 1e-3
+    for b, a in zip(best, average):
+        np.testing.assert_array_equal(b, a)
+    # The logged val loss is the average's.
+    assert ref_state.rows[-1][3] == pytest.approx(ref.evaluate(val, verbose=0)[0], abs=1e-6)
+
+    # Interrupted after epoch 2, resumed into a fresh model: the same rows, state and best weights, bit for bit.
+    part, part_state = start(1)
+    fit(part, part_state, tmp_path / "part.h5", 0, 2)
+    fresh, fresh_state = start(7)
+    restored = restore_checkpoint(tmp_path / "part.h5", "fp", fresh, fresh_state.best_weights, max_epochs=3)
+    assert restored is not None and restored.epoch == 2 and restored.best_epoch == 2
+    restored = fit(fresh, restored, tmp_path / "part.h5", 2, 3)
+    assert restored.rows == ref_state.rows
+    for a, b in zip(restored.best_weights, ref_state.best_weights):
+        np.testing.assert_array_equal(a, b)
