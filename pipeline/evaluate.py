@@ -24,11 +24,11 @@ from sklearn.metrics import (
 
 from pipeline.backbones import feature_provenance, image_size
 from pipeline.engines import compile_engine, has_gpu, resolve_engine
-from pipeline.features import read_features
+from pipeline.features import open_features
 from pipeline.images import load_image
 from pipeline.inference import predict_all
 from pipeline.io_utils import atomic_path, read_json, setup_logging, user_errors, write_csv, write_json
-from pipeline.models import load_model
+from pipeline.models import load_model, predict_features
 from pipeline.params import Params, load_params
 
 log = logging.getLogger(__name__)
@@ -112,19 +112,19 @@ def run(*, raw_dir: Path, classes_json: Path, test_features: Path, head_path: Pa
     """
     classes = read_json(classes_json)["classes"]
     expected = feature_provenance(params.backbone, classes)
-    test = read_features(test_features, expected)
     head, _ = load_model(head_path, expected)
     model, _ = load_model(model_path, expected)
+    with open_features(test_features, expected) as test:  # features read in blocks, never all at once
+        head_probs, y, test_paths = predict_features(head, test), test.labels, test.paths
     size = image_size(params.backbone)
-    paths = [str(raw_dir / q) for q in test.paths]
+    paths = [str(raw_dir / q) for q in test_paths]
     engine = resolve_engine(params.evaluate.engine, has_gpu())
     log.info("fine-tuned model on %s", engine)
     probs = {
-        "head": head.predict(test.features, batch_size=1024, verbose=0),
+        "head": head_probs,
         "finetuned": predict_all(compile_engine(model, size, engine, params.evaluate.batch_size), paths, size,
                                  params.evaluate.batch_size, desc="evaluate"),
     }
-    y = test.labels
     report = {name: classification_metrics(y, probs[name], classes) for name in MODELS}
     for name in MODELS:
         write_csv(plots_dir / f"confusion_{name}.csv", ("actual", "predicted"),

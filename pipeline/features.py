@@ -82,26 +82,77 @@ def create_feature_file(h5: h5py.File, n: int, dim: int, labels: Sequence[int], 
     return feats
 
 
-def read_features(path: str | Path, expected: dict | None = None) -> FeatureSet:
-    """Read a feature file and, when ``expected`` is given, check its provenance."""
+class FeatureFile:
+    """An open feature file whose features are read in row blocks: labels and paths (N small values each)
+    are loaded, the (N, D) features and (N, K, D) views are not, so no reader holds all N × D floats.
+
+    Use as a context manager; :func:`open_features` checks the file first.
+    """
+
+    def __init__(self, path: Path, h5: h5py.File, attrs: dict):
+        self.path = path
+        self._h5 = h5
+        self.attrs = attrs
+        self.labels: np.ndarray = h5["labels"][...]
+        self.paths: list[str] = [p.decode() if isinstance(p, bytes) else p for p in h5["paths"][...]]
+        self.n, self.dim = (int(d) for d in h5["features"].shape)
+        self.n_views = int(h5["views"].shape[1]) if "views" in h5 else 0
+
+    def features(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows ``start:stop`` of the features → (M, D) float32."""
+        return self._h5["features"][start:stop]
+
+    def views(self, start: int = 0, stop: int | None = None) -> "np.ndarray | None":
+        """Rows ``start:stop`` of the augmented views → (M, K, D) float32, or None without views."""
+        return self._h5["views"][start:stop] if self.n_views else None
+
+    def blocks(self, rows: int) -> list[tuple[int, int]]:
+        """``(start, stop)`` of consecutive blocks of at most ``rows`` rows covering the file."""
+        return [(a, min(a + rows, self.n)) for a in range(0, self.n, max(1, rows))]
+
+    def close(self) -> None:
+        self._h5.close()
+
+    def __enter__(self) -> "FeatureFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_features(path: str | Path, expected: dict | None = None) -> FeatureFile:
+    """Open a feature file for block reads and, when ``expected`` is given, check its provenance."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: feature file not found; run `dvc repro extract`")
+    h5 = None
     try:
-        with h5py.File(path, "r") as h5:
-            attrs = decode_attrs(h5.attrs)
-            if not attrs.get("complete"):
-                raise ProvenanceError(f"{path}: incomplete feature file (extraction was interrupted); rerun extract")
-            if expected is not None:
-                check_provenance(str(path), attrs, expected, "re-run `dvc repro extract` (or fix params.yaml)")
-            return FeatureSet(
-                features=h5["features"][...],
-                labels=h5["labels"][...],
-                paths=[p.decode() if isinstance(p, bytes) else p for p in h5["paths"][...]],
-                attrs=attrs,
-                views=h5["views"][...] if "views" in h5 else None,
-            )
+        h5 = h5py.File(path, "r")
+        attrs = decode_attrs(h5.attrs)
+        if not attrs.get("complete"):
+            raise ProvenanceError(f"{path}: incomplete feature file (extraction was interrupted); rerun extract")
+        if expected is not None:
+            check_provenance(str(path), attrs, expected, "re-run `dvc repro extract` (or fix params.yaml)")
+        return FeatureFile(path, h5, attrs)
     except (OSError, KeyError) as exc:  # h5py: truncated/corrupt file, or a dataset missing
+        if h5 is not None:
+            h5.close()
         raise ProvenanceError(
             f"{path}: not a readable feature file ({exc}); delete it and re-run `dvc repro extract`"
         ) from exc
+    except BaseException:
+        if h5 is not None:
+            h5.close()
+        raise
+
+
+def read_features(path: str | Path, expected: dict | None = None) -> FeatureSet:
+    """Read a whole feature file into memory (small splits, tests) and, with ``expected``, check its provenance."""
+    with open_features(path, expected) as ff:
+        try:
+            return FeatureSet(features=ff.features(), labels=ff.labels, paths=ff.paths, attrs=ff.attrs,
+                              views=ff.views())
+        except (OSError, KeyError) as exc:
+            raise ProvenanceError(
+                f"{path}: not a readable feature file ({exc}); delete it and re-run `dvc repro extract`"
+            ) from exc

@@ -39,7 +39,7 @@ from pipeline.backbones import (
     unfreeze_start,
 )
 from pipeline.datasets import image_dataset
-from pipeline.features import FeatureSet, read_features
+from pipeline.features import FeatureFile, open_features
 from pipeline.images import load_batch
 from pipeline.io_utils import library_versions, read_json, setup_logging, user_errors, write_json
 from pipeline.manifest import Item, read_manifest
@@ -116,11 +116,11 @@ def log_history(live, rows: list) -> None:
         live.next_step()
 
 
-def _parity_on_val(stacked: keras.Model, head: keras.Model, raw_dir: Path, val: FeatureSet, size: int) -> float:
-    """:func:`check_parity` on the first val images and their cached features."""
-    n = min(PARITY_SAMPLES, len(val.paths))
+def _parity_on_val(stacked: keras.Model, head: keras.Model, raw_dir: Path, val: FeatureFile, size: int) -> float:
+    """:func:`check_parity` on the first val images and their cached features (only those rows are read)."""
+    n = min(PARITY_SAMPLES, val.n)
     images = load_batch([str(raw_dir / q) for q in val.paths[:n]], size).astype(np.float32)
-    diff = check_parity(stacked, head, images, val.features[:n])
+    diff = check_parity(stacked, head, images, val.features(0, n))
     log.info("stacking parity on %d val images: max |Δp| = %.2e", n, diff)
     return diff
 
@@ -237,7 +237,7 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path
     # Every variable (head, backbone, optimizer) is created under the strategy's scope.
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         head, head_meta = load_model(head_path, expected)
-        val_fs = read_features(val_features, expected)
+        val_ff = open_features(val_features, expected)
         backbone = build_backbone(params.backbone)
         keras.utils.set_random_seed(params.seed)
         base = get_base(backbone)
@@ -245,7 +245,8 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path
             unfreeze_start(base, p.unfreeze_from, params.backbone.name)
         stacked = build_stacked(backbone, head)
         size = image_size(params.backbone)
-        parity = _parity_on_val(stacked, head, raw_dir, val_fs, size)
+        with val_ff:
+            parity = _parity_on_val(stacked, head, raw_dir, val_ff, size)
 
         train = read_manifest(manifest, splits=("train",))
         val = read_manifest(manifest, splits=("val",))

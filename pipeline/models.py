@@ -117,3 +117,10 @@ def load_model(path: "str | Path", expected: Optional[dict] = None) -> tuple[ker
     if expected is not None:
         check_provenance(str(path), meta.get("provenance", {}), expected, "re-run `dvc repro` (or fix params.yaml)")
     return keras.models.load_model(path, compile=False), meta
+
+
+def predict_features(head: keras.Model, ff, rows: int = 8192) -> np.ndarray:
+    """The head's probabilities on every row of the open feature file ``ff`` (:class:`pipeline.features.FeatureFile`),
+    read ``rows`` at a time so the (N, D) features are never in memory at once → (N, C) float32."""
+    parts = [head.predict(ff.features(a, b), batch_size=1024, verbose=0) for a, b in ff.blocks(rows)]
+    return np.concatenate(parts) if parts else np.zeros((0, int(head.output_shape[-1])), np.float32)

@@ -2,8 +2,11 @@
 
 ``head.type: logreg`` fits scikit-learn's LogisticRegression (multinomial for > 2 classes) on
 features divided by one global scale (their RMS) and folds scale + coefficients into one
-Keras softmax Dense layer, so the saved head returns sklearn's probabilities. ``head.type: dense`` trains a Keras
-dropout + softmax head with early stopping on val loss.
+Keras softmax Dense layer, so the saved head returns sklearn's probabilities. L-BFGS needs the
+whole training matrix in memory (N × (K + 1) × D float64). ``head.type: dense`` trains a Keras
+dropout + softmax head with early stopping on val loss, streaming the features from HDF5 in
+blocks (:class:`FeatureBatches`), so its memory does not grow with N: the head for millions of
+images.
 """
 from __future__ import annotations
 
@@ -20,15 +23,89 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, log_loss
 
 from pipeline.backbones import feature_provenance
-from pipeline.features import FeatureSet, read_features
+from pipeline.features import FeatureFile, FeatureSet, open_features
 from pipeline.io_utils import library_versions, read_json, setup_logging, user_errors, write_json
-from pipeline.models import build_head, class_weights, logreg_to_dense_weights, save_model, write_history
+from pipeline.models import (
+    build_head,
+    class_weights,
+    logreg_to_dense_weights,
+    predict_features,
+    save_model,
+    write_history,
+)
 from pipeline.params import Params, as_dict, load_params
 
 log = logging.getLogger(__name__)
 
 # The params this stage reads: exactly its `params:` in dvc.yaml (a test checks both agree).
 PARAMS = ("seed", "backbone", "head")
+
+# The dense head reads its training rows in blocks of this many images and shuffles WINDOW_BLOCKS
+# blocks together: one window (~8 k images × (K + 1) rows × D floats, ~200 MB at K = 4, D = 1280)
+# is in memory at a time, whatever N is; a split of up to one window is shuffled whole.
+BLOCK_IMAGES = 1024
+WINDOW_BLOCKS = 8
+
+
+class FeatureBatches(keras.utils.PyDataset):
+    """``(x (B, D) float32, y (B,) int64)`` batches of an open feature file, read block by block.
+
+    Rows are every image's features followed by its K augmented views (``views=True``, as
+    :func:`training_rows`). With ``seed``, epoch ``e`` visits the blocks in an order drawn from
+    ``(seed, e)`` and shuffles the rows of each window of ``WINDOW_BLOCKS`` blocks with
+    ``(seed, e, window)``: deterministic, and a function of the epoch alone. Without ``seed``: file order.
+    """
+
+    def __init__(self, ff: FeatureFile, batch_size: int, seed: int | None = None, views: bool = True,
+                 block_images: int = BLOCK_IMAGES, window_blocks: int = WINDOW_BLOCKS):
+        super().__init__()
+        self.ff, self.batch_size, self.seed = ff, batch_size, seed
+        self.k = ff.n_views if views else 0
+        self.block_images, self.window_blocks = block_images, window_blocks
+        self.epoch = 0
+        self._plan()
+
+    def _plan(self) -> None:
+        blocks = self.ff.blocks(self.block_images)
+        if self.seed is not None:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(blocks))
+            blocks = [blocks[i] for i in order]
+        self._windows = [blocks[i:i + self.window_blocks] for i in range(0, len(blocks), self.window_blocks)]
+        self._batches = []  # (window, first row, end row) within the window's rows
+        for w, window in enumerate(self._windows):
+            rows = sum(b - a for a, b in window) * (self.k + 1)
+            self._batches += [(w, r, min(r + self.batch_size, rows)) for r in range(0, rows, self.batch_size)]
+        self._loaded: tuple = (None, None)
+
+    def _window(self, w: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._loaded[0] != w:
+            xs, ys = [], []
+            for a, b in self._windows[w]:
+                x, y = self.ff.features(a, b), self.ff.labels[a:b]
+                if self.k:
+                    x = np.concatenate([x[:, None, :], self.ff.views(a, b)], axis=1).reshape(-1, self.ff.dim)
+                    y = np.repeat(y, self.k + 1)
+                xs.append(x)
+                ys.append(y)
+            x, y = np.concatenate(xs), np.concatenate(ys)
+            if self.seed is not None:
+                perm = np.random.default_rng([self.seed, self.epoch, w]).permutation(len(y))
+                x, y = x[perm], y[perm]
+            self._loaded = (w, (x, y))
+        return self._loaded[1]
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        w, a, b = self._batches[i]
+        x, y = self._window(w)
+        return x[a:b], y[a:b]
+
+    def on_epoch_end(self) -> None:
+        if self.seed is not None:
+            self.epoch += 1
+            self._plan()
 
 
 def feature_scale(features: np.ndarray) -> float:
@@ -87,17 +164,18 @@ def fit_logreg(train: FeatureSet, val: FeatureSet, n_classes: int, params: Param
     return head, []
 
 
-def fit_dense(train: FeatureSet, val: FeatureSet, n_classes: int, params: Params) -> tuple[keras.Model, list]:
+def fit_dense(train: FeatureFile, val: FeatureFile, n_classes: int, params: Params) -> tuple[keras.Model, list]:
+    """A Keras head trained on batches streamed from the feature files (:class:`FeatureBatches`)."""
     p = params.head.dense
     keras.utils.set_random_seed(params.seed)
-    x, y = training_rows(train)
-    head = build_head(x.shape[1], n_classes, p.hidden_units, p.dropout, seed=params.seed)
+    head = build_head(train.dim, n_classes, p.hidden_units, p.dropout, seed=params.seed)
     head.compile(optimizer=keras.optimizers.Adam(p.learning_rate), loss="sparse_categorical_crossentropy",
                  metrics=["accuracy"])
     hist = head.fit(
-        x, y, validation_data=(val.features, val.labels), epochs=p.epochs,
-        batch_size=p.batch_size, shuffle=True, verbose=2,
-        class_weight=class_weights(y, n_classes, params.head.class_weight),
+        FeatureBatches(train, p.batch_size, seed=params.seed), epochs=p.epochs, verbose=2,
+        validation_data=FeatureBatches(val, 1024, views=False), shuffle=False,  # FeatureBatches shuffles
+        # Every image counts K + 1 times in training, so the class counts are the images' counts.
+        class_weight=class_weights(train.labels, n_classes, params.head.class_weight),
         callbacks=[keras.callbacks.EarlyStopping("val_loss", patience=p.patience, restore_best_weights=True)],
     )
     h = hist.history
@@ -106,13 +184,17 @@ def fit_dense(train: FeatureSet, val: FeatureSet, n_classes: int, params: Params
     return head, rows
 
 
-def split_metrics(head: keras.Model, fs: FeatureSet, n_classes: int) -> dict:
-    probs = head.predict(fs.features, batch_size=1024, verbose=0) if len(fs.labels) else np.zeros((0, n_classes))
+def split_metrics(head: keras.Model, ff: FeatureFile, n_classes: int) -> dict:
+    probs = predict_features(head, ff)
     return {
-        "accuracy": float(accuracy_score(fs.labels, probs.argmax(1))),
-        "log_loss": float(log_loss(fs.labels, probs, labels=list(range(n_classes)))),
-        "n": int(len(fs.labels)),
+        "accuracy": float(accuracy_score(ff.labels, probs.argmax(1))),
+        "log_loss": float(log_loss(ff.labels, probs, labels=list(range(n_classes)))),
+        "n": int(len(ff.labels)),
     }
+
+
+def _in_memory(ff: FeatureFile) -> FeatureSet:
+    return FeatureSet(features=ff.features(), labels=ff.labels, paths=ff.paths, attrs=ff.attrs, views=ff.views())
 
 
 def run(*, train_h5: Path, val_h5: Path, classes_json: Path, head_out: Path, metrics_out: Path,
@@ -120,22 +202,24 @@ def run(*, train_h5: Path, val_h5: Path, classes_json: Path, head_out: Path, met
     """Fit the head on train features (model selection on val); returns the metrics written."""
     classes = read_json(classes_json)["classes"]
     expected = feature_provenance(params.backbone, classes)
-    train = read_features(train_h5, expected)
-    val = read_features(val_h5, expected)
-    t0 = time.perf_counter()
-    fit = fit_logreg if params.head.type == "logreg" else fit_dense
-    head, history = fit(train, val, len(classes), params)
-    seconds = time.perf_counter() - t0
-    metrics = {"train": split_metrics(head, train, len(classes)), "val": split_metrics(head, val, len(classes)),
-               "fit_seconds": round(seconds, 3)}
+    with open_features(train_h5, expected) as train, open_features(val_h5, expected) as val:
+        t0 = time.perf_counter()
+        if params.head.type == "logreg":
+            head, history = fit_logreg(_in_memory(train), _in_memory(val), len(classes), params)
+        else:
+            head, history = fit_dense(train, val, len(classes), params)
+        seconds = time.perf_counter() - t0
+        metrics = {"train": split_metrics(head, train, len(classes)), "val": split_metrics(head, val, len(classes)),
+                   "fit_seconds": round(seconds, 3)}
+        n_views, dim = int(train.attrs.get("augmented_views", 0)), train.dim
     if not history:  # logreg has no epochs: one row, so the learning-curve plot still shows its end point
         history = [(1, metrics["train"]["log_loss"], metrics["train"]["accuracy"], metrics["val"]["log_loss"],
                     metrics["val"]["accuracy"])]
     head_params = getattr(params.head, params.head.type)
     save_model(head, head_out, {
         "kind": "head", "head_type": params.head.type, "head_params": as_dict(head_params), "seed": params.seed,
-        "class_weight": params.head.class_weight, "augmented_views": int(train.attrs.get("augmented_views", 0)),
-        "class_names": classes, "feature_dim": int(train.features.shape[1]),
+        "class_weight": params.head.class_weight, "augmented_views": n_views,
+        "class_names": classes, "feature_dim": dim,
         "provenance": expected, "versions": library_versions(),
     })
     write_history(history_out, history)
