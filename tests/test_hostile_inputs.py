@@ -313,7 +313,10 @@ def test_balanced_class_weights_follow_sklearns_formula():
 
 
 @pytest.mark.parametrize("head_type", ["logreg", "dense"])
-def test_balanced_head_recovers_the_minority_class(head_type):
+def test_balanced_head_recovers_the_minority_class(head_type, tmp_path):
+    import h5py
+
+    from pipeline.features import create_feature_file, open_features
     from pipeline.train_head import fit_dense, fit_logreg
 
     rng = np.random.default_rng(0)
@@ -321,13 +324,18 @@ def test_balanced_head_recovers_the_minority_class(head_type):
     x = np.concatenate([rng.normal(0, 1, (n_major, dim)), rng.normal(0.8, 1, (n_minor, dim))]).astype(np.float32)
     y = np.array([0] * n_major + [1] * n_minor)
     fs = FeatureSet(x, y, [f"{i}" for i in range(len(y))], {})
+    with h5py.File(tmp_path / "f.h5", "w") as h5:  # the dense head streams from a feature file
+        create_feature_file(h5, len(y), dim, y, fs.paths, {"complete": True}, 64)[...] = x
     recall = {}
     for cw in ("none", "balanced"):
         params = as_params(tiny_params(**{"head.type": head_type, "head.class_weight": cw, "head.logreg.C": 1.0,
                                           "head.dense.epochs": 10, "head.dense.dropout": 0.0,
                                           "head.dense.batch_size": 128, "head.dense.learning_rate": 0.01}))
-        fit = fit_logreg if head_type == "logreg" else fit_dense
-        head, _ = fit(fs, fs, 2, params)
+        if head_type == "logreg":
+            head, _ = fit_logreg(fs, fs, 2, params)
+        else:
+            with open_features(tmp_path / "f.h5") as ff:
+                head, _ = fit_dense(ff, ff, 2, params)
         pred = head.predict(x, verbose=0).argmax(1)
         recall[cw] = float((pred[y == 1] == 1).mean())
     assert recall["balanced"] > recall["none"] + 0.2, recall
