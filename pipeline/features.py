@@ -106,6 +106,16 @@ class FeatureFile:
         """Rows ``start:stop`` of the augmented views → (M, K, D) float32, or None without views."""
         return self._h5["views"][start:stop] if self.n_views else None
 
+    def load(self) -> FeatureSet:
+        """The whole file in memory (small splits; L-BFGS needs the whole matrix)."""
+        try:
+            return FeatureSet(features=self.features(), labels=self.labels, paths=self.paths, attrs=self.attrs,
+                              views=self.views())
+        except (OSError, KeyError) as exc:
+            raise ProvenanceError(
+                f"{self.path}: not a readable feature file ({exc}); delete it and re-run `dvc repro extract`"
+            ) from exc
+
     def blocks(self, rows: int) -> list[tuple[int, int]]:
         """``(start, stop)`` of consecutive blocks of at most ``rows`` rows covering the file."""
         return [(a, min(a + rows, self.n)) for a in range(0, self.n, max(1, rows))]
@@ -134,25 +144,17 @@ def open_features(path: str | Path, expected: dict | None = None) -> FeatureFile
         if expected is not None:
             check_provenance(str(path), attrs, expected, "re-run `dvc repro extract` (or fix params.yaml)")
         return FeatureFile(path, h5, attrs)
-    except (OSError, KeyError) as exc:  # h5py: truncated/corrupt file, or a dataset missing
+    except BaseException as exc:
         if h5 is not None:
             h5.close()
-        raise ProvenanceError(
-            f"{path}: not a readable feature file ({exc}); delete it and re-run `dvc repro extract`"
-        ) from exc
-    except BaseException:
-        if h5 is not None:
-            h5.close()
+        if isinstance(exc, (OSError, KeyError)):  # h5py: truncated/corrupt file, or a dataset missing
+            raise ProvenanceError(
+                f"{path}: not a readable feature file ({exc}); delete it and re-run `dvc repro extract`"
+            ) from exc
         raise
 
 
 def read_features(path: str | Path, expected: dict | None = None) -> FeatureSet:
     """Read a whole feature file into memory (small splits, tests) and, with ``expected``, check its provenance."""
     with open_features(path, expected) as ff:
-        try:
-            return FeatureSet(features=ff.features(), labels=ff.labels, paths=ff.paths, attrs=ff.attrs,
-                              views=ff.views())
-        except (OSError, KeyError) as exc:
-            raise ProvenanceError(
-                f"{path}: not a readable feature file ({exc}); delete it and re-run `dvc repro extract`"
-            ) from exc
+        return ff.load()

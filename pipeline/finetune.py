@@ -39,7 +39,7 @@ from pipeline.backbones import (
     unfreeze_start,
 )
 from pipeline.datasets import image_dataset
-from pipeline.features import FeatureFile, open_features
+from pipeline.features import open_features
 from pipeline.images import load_batch
 from pipeline.io_utils import library_versions, read_json, setup_logging, user_errors, write_json
 from pipeline.manifest import Item, read_manifest
@@ -116,12 +116,12 @@ def log_history(live, rows: list) -> None:
         live.next_step()
 
 
-def _parity_on_val(stacked: keras.Model, head: keras.Model, raw_dir: Path, val: FeatureFile, size: int) -> float:
-    """:func:`check_parity` on the first val images and their cached features (only those rows are read)."""
-    n = min(PARITY_SAMPLES, val.n)
-    images = load_batch([str(raw_dir / q) for q in val.paths[:n]], size).astype(np.float32)
-    diff = check_parity(stacked, head, images, val.features(0, n))
-    log.info("stacking parity on %d val images: max |Δp| = %.2e", n, diff)
+def _parity_on_val(stacked: keras.Model, head: keras.Model, raw_dir: Path, paths: list[str], features: np.ndarray,
+                   size: int) -> float:
+    """:func:`check_parity` on val images (``paths`` relative to ``raw_dir``) and their cached ``features`` (N, D)."""
+    images = load_batch([str(raw_dir / q) for q in paths], size).astype(np.float32)
+    diff = check_parity(stacked, head, images, features)
+    log.info("stacking parity on %d val images: max |Δp| = %.2e", len(paths), diff)
     return diff
 
 
@@ -165,7 +165,7 @@ def build_optimizer(p: FinetuneParams, steps_per_epoch: int, replicas: int = 1) 
     lr = learning_rate_schedule(p, steps_per_epoch, replica_lr_scale(p.optimizer, replicas))
     # finetune.ema: Keras keeps the average in optimizer variables (so checkpoints carry it) and updates it
     # inside the compiled train step.
-    ema = {"use_ema": p.ema > 0, "ema_momentum": p.ema} if p.ema > 0 else {}
+    ema = {"use_ema": True, "ema_momentum": p.ema} if p.ema > 0 else {}
     if p.optimizer == "sgd":
         return keras.optimizers.SGD(lr, momentum=p.momentum, weight_decay=p.weight_decay or None, **ema)
     if p.optimizer == "adamw":
@@ -237,7 +237,9 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path
     # Every variable (head, backbone, optimizer) is created under the strategy's scope.
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         head, head_meta = load_model(head_path, expected)
-        val_ff = open_features(val_features, expected)
+        with open_features(val_features, expected) as val_ff:  # only the parity rows are read
+            n = min(PARITY_SAMPLES, val_ff.n)
+            parity_paths, parity_features = val_ff.paths[:n], val_ff.features(0, n)
         backbone = build_backbone(params.backbone)
         keras.utils.set_random_seed(params.seed)
         base = get_base(backbone)
@@ -245,8 +247,7 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path
             unfreeze_start(base, p.unfreeze_from, params.backbone.name)
         stacked = build_stacked(backbone, head)
         size = image_size(params.backbone)
-        with val_ff:
-            parity = _parity_on_val(stacked, head, raw_dir, val_ff, size)
+        parity = _parity_on_val(stacked, head, raw_dir, parity_paths, parity_features, size)
 
         train = read_manifest(manifest, splits=("train",))
         val = read_manifest(manifest, splits=("val",))

@@ -20,6 +20,7 @@ versions. Anything else starts from epoch 0, with a log line saying why.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -195,34 +196,36 @@ class Tracker(keras.callbacks.Callback):
         self.fp = fp
         self.ema_val = ema_val
 
-    def _evaluate_average(self) -> tuple[float, float, list]:
-        """Val loss, accuracy and all weights with the moving average in place of the trained weights."""
+    @contextlib.contextmanager
+    def _averaged_weights(self) -> Iterator[None]:
+        """The optimizer's moving average in place of the trained weights, for the ``with`` block."""
         trained = self.model.trainable_variables
         raw = [v.numpy() for v in trained]
         # The optimizer's averages, in the order of the variables it was built with (= trainable_variables),
         # as Keras' own SwapEMAWeights reads them; swapped back from a copy, so training resumes bit-exact.
         for v, a in zip(trained, self.model.optimizer._model_variables_moving_average):
             v.assign(a)
-        loss, acc = self.model.evaluate(self.ema_val, verbose=0)
-        weights = self.model.get_weights()
-        for v, a in zip(trained, raw):
-            v.assign(a)
-        return float(loss), float(acc), weights
+        try:
+            yield
+        finally:
+            for v, a in zip(trained, raw):
+                v.assign(a)
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
         s = self.state
-        weights = None
-        if self.ema_val is not None:
-            logs["val_loss"], logs["val_accuracy"], weights = self._evaluate_average()
-        val_loss = float(logs["val_loss"])
+        with self._averaged_weights() if self.ema_val is not None else contextlib.nullcontext():
+            if self.ema_val is not None:
+                loss, acc = self.model.evaluate(self.ema_val, verbose=0)
+                logs["val_loss"], logs["val_accuracy"] = float(loss), float(acc)
+            val_loss = float(logs["val_loss"])
+            improved = val_loss < s.best_loss
+            if improved:  # the weights in the model now: the average with finetune.ema
+                s.best_loss, s.best_epoch, s.wait, s.best_weights = val_loss, epoch + 1, 0, self.model.get_weights()
         s.rows.append([epoch + 1, float(logs["loss"]), float(logs["accuracy"]), val_loss,
                        float(logs["val_accuracy"])])
         s.epoch = epoch + 1
-        if val_loss < s.best_loss:
-            s.best_loss, s.best_epoch, s.wait = val_loss, epoch + 1, 0
-            s.best_weights = weights if weights is not None else self.model.get_weights()
-        else:
+        if not improved:
             s.wait += 1
             if s.wait >= self.patience:
                 s.stopped = True

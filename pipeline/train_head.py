@@ -81,10 +81,7 @@ class FeatureBatches(keras.utils.PyDataset):
         if self._loaded[0] != w:
             xs, ys = [], []
             for a, b in self._windows[w]:
-                x, y = self.ff.features(a, b), self.ff.labels[a:b]
-                if self.k:
-                    x = np.concatenate([x[:, None, :], self.ff.views(a, b)], axis=1).reshape(-1, self.ff.dim)
-                    y = np.repeat(y, self.k + 1)
+                x, y = with_views(self.ff.features(a, b), self.ff.views(a, b) if self.k else None, self.ff.labels[a:b])
                 xs.append(x)
                 ys.append(y)
             x, y = np.concatenate(xs), np.concatenate(ys)
@@ -121,6 +118,15 @@ def feature_scale(features: np.ndarray) -> float:
     return rms if rms > 0 else 1.0
 
 
+def with_views(features: np.ndarray, views: "np.ndarray | None", labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's features (M, D) followed by its views (M, K, D) → (X (M·(K+1), D), y (M·(K+1),))."""
+    if views is None or views.shape[1] == 0:
+        return features, labels
+    k = views.shape[1]
+    x = np.concatenate([features[:, None, :], views], axis=1).reshape(-1, features.shape[1])
+    return x, np.repeat(labels, k + 1)
+
+
 def training_rows(train: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
     """The head's training set: every image's features and those of its augmented views → (X (M, D), y (M,)).
 
@@ -129,11 +135,7 @@ def training_rows(train: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
     0.438 with K = 4. It does not stop fine-tuning's first peak-rate epochs from raising the val
     loss (README "Fine-tuning that pays").
     """
-    if train.views is None or train.views.shape[1] == 0:
-        return train.features, train.labels
-    k = train.views.shape[1]
-    x = np.concatenate([train.features[:, None, :], train.views], axis=1).reshape(-1, train.features.shape[1])
-    return x, np.repeat(train.labels, k + 1)
+    return with_views(train.features, train.views, train.labels)
 
 
 def fit_logreg(train: FeatureSet, val: FeatureSet, n_classes: int, params: Params) -> tuple[keras.Model, list]:
@@ -193,10 +195,6 @@ def split_metrics(head: keras.Model, ff: FeatureFile, n_classes: int) -> dict:
     }
 
 
-def _in_memory(ff: FeatureFile) -> FeatureSet:
-    return FeatureSet(features=ff.features(), labels=ff.labels, paths=ff.paths, attrs=ff.attrs, views=ff.views())
-
-
 def run(*, train_h5: Path, val_h5: Path, classes_json: Path, head_out: Path, metrics_out: Path,
         history_out: Path, params: Params) -> dict:
     """Fit the head on train features (model selection on val); returns the metrics written."""
@@ -205,7 +203,7 @@ def run(*, train_h5: Path, val_h5: Path, classes_json: Path, head_out: Path, met
     with open_features(train_h5, expected) as train, open_features(val_h5, expected) as val:
         t0 = time.perf_counter()
         if params.head.type == "logreg":
-            head, history = fit_logreg(_in_memory(train), _in_memory(val), len(classes), params)
+            head, history = fit_logreg(train.load(), val.load(), len(classes), params)
         else:
             head, history = fit_dense(train, val, len(classes), params)
         seconds = time.perf_counter() - t0
