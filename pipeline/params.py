@@ -116,7 +116,7 @@ class AugmentParams:
 
 @dataclass(frozen=True)
 class FinetuneParams:
-    epochs: int = field(default=6, metadata=_range(0, 10000))
+    epochs: int = field(default=8, metadata=_range(0, 10000))
     unfreeze_from: str = "block6a_expand_conv"
     # Move each BN's scale into its trainable conv before training (backbones.fold_bn_scale).
     fold_bn: bool = True
