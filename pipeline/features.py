@@ -82,6 +82,11 @@ def create_feature_file(h5: h5py.File, n: int, dim: int, labels: Sequence[int], 
     return feats
 
 
+def unreadable(path: Path, exc: BaseException) -> ProvenanceError:
+    """The error for a feature file h5py cannot read (truncated, corrupt, a dataset missing)."""
+    return ProvenanceError(f"{path}: not a readable feature file ({exc}); delete it and re-run `dvc repro extract`")
+
+
 class FeatureFile:
     """An open feature file whose features are read in row blocks: labels and paths (N small values each)
     are loaded, the (N, D) features and (N, K, D) views are not, so no reader holds all N × D floats.
@@ -112,9 +117,7 @@ class FeatureFile:
             return FeatureSet(features=self.features(), labels=self.labels, paths=self.paths, attrs=self.attrs,
                               views=self.views())
         except (OSError, KeyError) as exc:
-            raise ProvenanceError(
-                f"{self.path}: not a readable feature file ({exc}); delete it and re-run `dvc repro extract`"
-            ) from exc
+            raise unreadable(self.path, exc) from exc
 
     def blocks(self, rows: int) -> list[tuple[int, int]]:
         """``(start, stop)`` of consecutive blocks of at most ``rows`` rows covering the file."""
@@ -148,9 +151,7 @@ def open_features(path: str | Path, expected: dict | None = None) -> FeatureFile
         if h5 is not None:
             h5.close()
         if isinstance(exc, (OSError, KeyError)):  # h5py: truncated/corrupt file, or a dataset missing
-            raise ProvenanceError(
-                f"{path}: not a readable feature file ({exc}); delete it and re-run `dvc repro extract`"
-            ) from exc
+            raise unreadable(path, exc) from exc
         raise
 
 

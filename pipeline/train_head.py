@@ -209,15 +209,14 @@ def run(*, train_h5: Path, val_h5: Path, classes_json: Path, head_out: Path, met
         seconds = time.perf_counter() - t0
         metrics = {"train": split_metrics(head, train, len(classes)), "val": split_metrics(head, val, len(classes)),
                    "fit_seconds": round(seconds, 3)}
-        n_views, dim = int(train.attrs.get("augmented_views", 0)), train.dim
     if not history:  # logreg has no epochs: one row, so the learning-curve plot still shows its end point
         history = [(1, metrics["train"]["log_loss"], metrics["train"]["accuracy"], metrics["val"]["log_loss"],
                     metrics["val"]["accuracy"])]
     head_params = getattr(params.head, params.head.type)
     save_model(head, head_out, {
         "kind": "head", "head_type": params.head.type, "head_params": as_dict(head_params), "seed": params.seed,
-        "class_weight": params.head.class_weight, "augmented_views": n_views,
-        "class_names": classes, "feature_dim": dim,
+        "class_weight": params.head.class_weight, "augmented_views": int(train.attrs.get("augmented_views", 0)),
+        "class_names": classes, "feature_dim": train.dim,
         "provenance": expected, "versions": library_versions(),
     })
     write_history(history_out, history)
