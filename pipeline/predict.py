@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import logging
 import os
@@ -170,16 +171,15 @@ def decoded_batches(paths: Sequence[str], size: int, batch_size: int,
             tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, file=sys.stderr) as bar:
         pending: collections.deque = collections.deque()
         todo = iter(paths)
-        for p in todo:
-            pending.append(pool.submit(_decode, p, size))
-            if len(pending) >= 2 * batch_size:
-                break
+
+        def refill() -> None:
+            for p in itertools.islice(todo, 2 * batch_size - len(pending)):
+                pending.append(pool.submit(_decode, p, size))
+
+        refill()
         while pending:
             batch = [pending.popleft().result() for _ in range(min(batch_size, len(pending)))]
-            for p in todo:
-                pending.append(pool.submit(_decode, p, size))
-                if len(pending) >= 2 * batch_size:
-                    break
+            refill()
             bar.update(len(batch))
             yield batch
 
