@@ -1,7 +1,6 @@
 """pipeline.predict with the tiny project's real exported model (conftest.tiny_dvc_project)."""
 import csv
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,9 +18,10 @@ from pipeline.predict import collect_images, run
 
 pytestmark = pytest.mark.slow
 
-# Runs predict's main() in a fresh process, then reports the heavy frameworks it imported.
+# Runs predict's main() (this tree's, argv[1]) in a fresh process, then reports the heavy frameworks it imported.
 NO_TF = r"""
 import runpy, sys
+sys.path.insert(0, sys.argv.pop(1))
 sys.argv = ["pipeline.predict", *sys.argv[1:]]
 try:
     runpy.run_module("pipeline.predict", run_name="__main__", alter_sys=True)
@@ -33,8 +33,7 @@ finally:
 
 def _predict_cli(proj: Path, *args: str) -> subprocess.CompletedProcess:
     """``python -m pipeline.predict ARGS`` in ``proj`` (so the default models/model.onnx is its export)."""
-    return subprocess.run([sys.executable, "-c", NO_TF, *args], cwd=proj, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return subprocess.run([sys.executable, "-c", NO_TF, str(ROOT), *args], cwd=proj, capture_output=True, text=True)
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -127,10 +126,20 @@ def test_cli_on_a_folder_imports_no_tensorflow_and_reports_unreadable_files(tiny
         assert p.sum() == pytest.approx(1.0, abs=1e-5)
         assert r["predicted_class"] == classes[int(p.argmax())]
 
+    # The options reach run(): JSON chosen by the extension, top 2, a threshold.
+    out = tmp_path / "one.json"
+    proc = _predict_cli(proj, str(folder / "a.png"), "--out", str(out), "--top-k", "2", "--min-confidence", "1")
+    assert proc.returncode == 0 and "HEAVY:\n" in proc.stderr, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["min_confidence"] == 1.0 and len(doc["predictions"][0]["top"]) == 2
+    n = doc["summary"]
+    assert proc.stdout == (f"1 images: {n['predicted']} predicted, {n['uncertain']} uncertain, 0 unreadable "
+                           f"-> {out}\n")
+
 
 def test_json_top_k_and_min_confidence(tiny_dvc_project: Path, tmp_path: Path):
-    """--format json --top-k 2 --min-confidence P: rows below P say uncertain and name no class, the rest
-    predict as before; the ranking is sorted and the summary adds up."""
+    """JSON, top 2, min_confidence P: rows below P say uncertain and name no class, the rest predict as
+    before; the ranking is sorted and the summary adds up."""
     proj = tiny_dvc_project
     classes, paths = _test_split(proj)
     (tmp_path / "bad.png").write_bytes(b"")
@@ -142,12 +151,9 @@ def test_json_top_k_and_min_confidence(tiny_dvc_project: Path, tmp_path: Path):
     assert 0 < below < len(paths), top  # the threshold splits the rows, so both kinds are checked
 
     out = tmp_path / "p.json"
-    proc = _predict_cli(proj, *map(str, inputs), "--out", str(out), "--top-k", "2",
-                        "--min-confidence", repr(threshold))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "HEAVY:\n" in proc.stderr
+    run(inputs=inputs, model_path=proj / "models" / "model.onnx", out=out, fmt="json", top_k=2,
+        min_confidence=threshold, progress=False)
     n = len(inputs)
-    assert proc.stdout == f"{n} images: {n - 1 - below} predicted, {below} uncertain, 1 unreadable -> {out}\n"
     doc = json.loads(out.read_text())
     assert doc["classes"] == classes and doc["min_confidence"] == threshold
     assert doc["summary"] == {"images": n, "predicted": n - 1 - below, "uncertain": below, "unreadable": 1}
