@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = Path("models/model.onnx")
 META_NAME = "serving.json"  # written by the export stage beside the .onnx file
-EXPORT_HINT = "the `export` stage writes it: run `dvc repro export` (after training), or pass --model"
+EXPORT_HINT = "the `export` stage writes it: run `dvc repro export` (after training)"
 FORMATS = ("csv", "json")
 
 Infer = Callable[[np.ndarray], np.ndarray]
@@ -101,10 +101,10 @@ def load_onnx(model_path: Path, meta_path: Optional[Path] = None) -> LoadedModel
 
     meta_path = meta_path or model_path.parent / META_NAME
     if not model_path.is_file():
-        raise PipelineError(f"{model_path}: no exported model there; {EXPORT_HINT}")
+        raise PipelineError(f"{model_path}: no exported model there; {EXPORT_HINT}, or pass --model")
     if not meta_path.is_file():
         raise PipelineError(f"{meta_path}: the export's description (class names, image size) is missing beside "
-                            f"{model_path}; {EXPORT_HINT.replace('or pass --model', 'or pass --meta')}")
+                            f"{model_path}; {EXPORT_HINT}, or pass --meta")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     entry = (meta.get("files") or {}).get("onnx")
     if not entry or "class_names" not in meta or "image_size" not in meta:
@@ -272,14 +272,14 @@ def run(*, inputs: Sequence[str | Path], model_path: Path = DEFAULT_MODEL, meta_
         raise PipelineError(f"min_confidence {min_confidence} is not a probability in [0, 1]")
     if top_k < 0:
         raise PipelineError(f"top_k {top_k} must be >= 0 (0: no ranking columns)")
-    paths = collect_images(inputs)
-    if not paths:
-        raise PipelineError(f"no images to predict in {', '.join(map(str, inputs))}")
     model_path = Path(model_path)
     if model_path.suffix == ".keras":
         loaded = load_keras(model_path, batch_size, engine)
     else:
         loaded = load_onnx(model_path, meta_path)
+    paths = collect_images(inputs)
+    if not paths:
+        raise PipelineError(f"no images to predict in {', '.join(map(str, inputs))}")
     classes = loaded.classes
     if top_k > len(classes):
         log.warning("--top-k %d: the model has %d classes; listing all of them", top_k, len(classes))
