@@ -23,7 +23,9 @@ opset 17, for ONNX Runtime and the many runtimes that read ONNX) and as TFLite (
 and output, float32 inside, for LiteRT / mobile): pixels at the model's size, preprocessing
 inside, class names in the JSON beside them. Every file is reloaded in a fresh ``python -I``
 process (its own runtime only, not this project) and must give the Keras model's
-probabilities to :data:`EXPORT_TOLERANCE`, or the stage fails.
+probabilities to :data:`EXPORT_TOLERANCE`, or the stage fails. The ``.tflite`` file is run by
+LiteRT when installed (``requirements-litert.txt``), else by TensorFlow's ``tf.lite.Interpreter``
+with a warning; ``serving.json`` records the runtime that checked each file (``reload_runtime``).
 """
 from __future__ import annotations
 
@@ -60,18 +62,31 @@ PARAMS: tuple[str, ...] = ()
 EXPORT_TOLERANCE = 1e-5
 
 # Runs in a fresh `python -I` process: only the format's own runtime, never this project.
-# argv: format, model file, input .npy (uint8 pixels), output .npy (float32 probabilities).
+# argv: format, model file, input .npy (uint8 pixels), output .npy (float32 probabilities), then
+# module names to treat as not installed (tests use it to take the fallback). Prints the runtime.
+# A .tflite file is run by LiteRT (ai-edge-litert, the optional requirements-litert.txt tier)
+# when installed, else by TensorFlow's own tf.lite.Interpreter: it is checked either way.
 RELOAD = r"""
 import sys
 import numpy as np
 fmt, model, pixels, out = sys.argv[1:5]
+for name in sys.argv[5:]:
+    sys.modules[name] = None
 x = np.load(pixels)
 if fmt == "onnx":
     import onnxruntime as ort
+    runtime = f"onnxruntime {ort.__version__}"
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     probs = session.run(["probabilities"], {"images": x})[0]
 else:
-    from ai_edge_litert.interpreter import Interpreter
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+        from importlib.metadata import version
+        runtime = f"ai-edge-litert {version('ai-edge-litert')}"
+    except ImportError:
+        import tensorflow as tf
+        Interpreter = tf.lite.Interpreter
+        runtime = f"tensorflow.lite {tf.__version__} (ai-edge-litert not installed)"
     interp = Interpreter(model_path=model)
     (inp,), (outp,) = interp.get_input_details(), interp.get_output_details()
     interp.resize_tensor_input(inp["index"], x.shape)
@@ -80,6 +95,7 @@ else:
     interp.invoke()
     probs = interp.get_tensor(outp["index"])
 np.save(out, np.asarray(probs, dtype=np.float32))
+print(runtime)
 """
 RESIZE_METHOD = "tf.image.resize(method='bilinear', antialias=True), rounded to uint8"
 
@@ -134,38 +150,45 @@ def check_export(path: Path, model, size: int, seed: int = 0) -> float:
     return diff
 
 
-def reload_probabilities(fmt: str, path: Path, pixels: np.ndarray) -> np.ndarray:
+def reload_probabilities(fmt: str, path: Path, pixels: np.ndarray,
+                         hide: tuple[str, ...] = ()) -> tuple[np.ndarray, str]:
     """Probabilities of the ``fmt`` (onnx | tflite) file ``path`` on ``pixels`` (uint8 (B, S, S, 3)),
-    computed in a fresh ``python -I`` process in an empty folder → (B, K) float32."""
+    computed in a fresh ``python -I`` process in an empty folder → ((B, K) float32, the runtime that
+    ran it). ``hide``: modules that process treats as not installed."""
     with tempfile.TemporaryDirectory(prefix="export-check-") as tmp:
         np.save(Path(tmp) / "x.npy", pixels)
-        proc = subprocess.run([sys.executable, "-I", "-c", RELOAD, fmt, str(Path(path).resolve()), "x.npy", "p.npy"],
-                              cwd=tmp, capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-I", "-c", RELOAD, fmt, str(Path(path).resolve()), "x.npy", "p.npy",
+                               *hide], cwd=tmp, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"reloading the exported {fmt} file {path} failed:\n{proc.stderr[-2000:]}")
-        return np.load(Path(tmp) / "p.npy")
+        return np.load(Path(tmp) / "p.npy"), proc.stdout.strip().splitlines()[-1]
 
 
-def check_file(fmt: str, path: Path, model, size: int, seed: int = 0) -> float:
-    """Reload ``path`` in a fresh process, compare with ``model`` on random pixels; returns max |Δp|."""
+def check_file(fmt: str, path: Path, model, size: int, seed: int = 0) -> tuple[float, str]:
+    """Reload ``path`` in a fresh process, compare with ``model`` on random pixels → (max |Δp|, runtime)."""
     x = np.random.default_rng(seed).integers(0, 256, (4, size, size, 3), dtype=np.uint8)
     expected = model.predict_on_batch(x.astype(np.float32))
-    got = reload_probabilities(fmt, path, x)
+    got, runtime = reload_probabilities(fmt, path, x)
     diff = float(np.max(np.abs(got - expected))) if got.shape == expected.shape else float("inf")
     if not diff <= EXPORT_TOLERANCE:
         raise RuntimeError(f"the exported {fmt} file {path} gives {got.shape} probabilities differing from the "
-                           f"Keras model's {expected.shape} by {diff:.2e} (> {EXPORT_TOLERANCE}) on the same pixels")
-    return diff
+                           f"Keras model's {expected.shape} by {diff:.2e} (> {EXPORT_TOLERANCE}) on the same pixels "
+                           f"({runtime})")
+    return diff, runtime
 
 
-def write_file_format(fmt: str, out: Path, model, size: int) -> float:
-    """Convert ``model`` to ``fmt`` (onnx | tflite), write ``out`` atomically once it passed its reload check."""
+def write_file_format(fmt: str, out: Path, model, size: int) -> tuple[float, str]:
+    """Convert ``model`` to ``fmt`` (onnx | tflite), write ``out`` atomically once it passed its reload check;
+    returns (max |Δp|, the runtime that checked it)."""
     data = to_onnx(model, size, output_name="probabilities") if fmt == "onnx" else to_tflite(model, size)
     with atomic_path(out, suffix=f".{fmt}") as tmp:
         Path(tmp).write_bytes(data)
-        diff = check_file(fmt, Path(tmp), model, size)
-    log.info("exported %s (max |Δp| vs Keras on reload in a fresh process: %.1e)", out, diff)
-    return diff
+        diff, runtime = check_file(fmt, Path(tmp), model, size)
+    if "not installed" in runtime:
+        log.warning("%s checked with %s; `pip install -r requirements-litert.txt` to check it with LiteRT, "
+                    "the runtime phones use", out, runtime)
+    log.info("exported %s (max |Δp| vs Keras on reload in a fresh process with %s: %.1e)", out, runtime, diff)
+    return diff, runtime
 
 
 def run(*, model_path: Path, out_dir: Path, meta_out: Path, onnx_out: Path | None = None,
@@ -194,9 +217,10 @@ def run(*, model_path: Path, out_dir: Path, meta_out: Path, onnx_out: Path | Non
     files = {}
     for fmt, out in (("onnx", onnx_out), ("tflite", tflite_out)):
         if out is not None:
-            reload_diff = write_file_format(fmt, out, model, size)
+            reload_diff, runtime = write_file_format(fmt, out, model, size)
             files[fmt] = {
                 "path": str(out), "sha256": sha256_file(out), "reload_max_abs_diff": reload_diff,
+                "reload_runtime": runtime,
                 "inputs": {"images": f"uint8 (B, {size}, {size}, 3) RGB, resized with pipeline.images.load_image"},
                 "outputs": {"probabilities": "float32 (B, K), columns in the order of class_names"},
                 "precision": "float32", **({"opset": ONNX_OPSET} if fmt == "onnx" else {}),

@@ -30,7 +30,7 @@ from pipeline.features import create_feature_file
 from pipeline.io_utils import atomic_path, library_versions, read_json, setup_logging, user_errors, write_json
 from pipeline.manifest import SPLITS, read_manifest
 from pipeline.params import Params, load_params
-from pipeline.ray_extract import actor_gpus, compute_missing_ray
+from pipeline.ray_extract import actor_gpus, compute_missing_ray, require_ray
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, outs: dict[str, Pa
 
     ``cache_dir`` None: a throw-away cache for this call only (same code path, no reuse).
     """
+    if params.extract.executor == "ray":
+        require_ray()  # before any work: one line naming the install command
     items = read_manifest(manifest, splits=tuple(outs))
     classes = read_json(classes_json)["classes"]
     index = {c: i for i, c in enumerate(classes)}

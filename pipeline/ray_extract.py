@@ -38,11 +38,29 @@ from tqdm import tqdm
 
 from pipeline.feature_cache import FeatureCache, write_chunk
 from pipeline.feature_work import Work, compute_work, view_digest
+from pipeline.io_utils import PipelineError
 from pipeline.params import AugmentParams, BackboneParams, ExtractParams, RayParams
 
 log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+# Ray is an optional install tier (docs/install.md): its wheels and pyarrow/pandas are ~0.5 GB.
+RAY_INSTALL = "pip install -r requirements-ray.txt"
+
+
+def require_ray() -> None:
+    """Stop with one line naming the install command when Ray Data is not installed.
+
+    Called before any work, so a run asked for ``extract.executor: ray`` never half-starts
+    on a machine without Ray. Only looks the packages up (importing Ray takes seconds).
+    """
+    import importlib.util
+
+    missing = [name for name in ("ray", "pyarrow", "pandas") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise PipelineError(f"extract.executor: ray needs Ray Data, which is not installed (missing: "
+                            f"{', '.join(missing)}): run `{RAY_INSTALL}` (or `EXTRAS=ray bash scripts/setup.sh`), "
+                            "or set extract.executor: local")
 
 
 def actor_gpus(params: ExtractParams) -> list[str]:
@@ -125,14 +143,10 @@ def compute_missing_ray(cache: FeatureCache, work: Sequence[Work], backbone: Bac
 
     On return every output of ``work`` is in ``cache`` (re-read from disk), or this raises.
     """
-    try:
-        import pyarrow as pa
-        import ray
-    except ImportError as exc:
-        from pipeline.io_utils import PipelineError
+    require_ray()
+    import pyarrow as pa
+    import ray
 
-        raise PipelineError(f"extract.executor: ray needs Ray Data ({exc}); `pip install -r requirements.txt`, "
-                            "or set extract.executor: local") from None
     rp = params.ray
     started = connect(rp)
     t0 = time.perf_counter()

@@ -1,4 +1,5 @@
 """The serving export (stage ``export``), loaded in a fresh process that cannot import this project."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -136,6 +137,10 @@ def test_onnx_and_tflite_files_give_the_keras_models_probabilities(tiny_dvc_proj
         assert meta["files"][fmt]["sha256"] == sha256_file(path)
         assert meta["files"][fmt]["reload_max_abs_diff"] <= EXPORT_TOLERANCE
         assert meta["files"][fmt]["precision"] == "float32"
+    # Which runtime checked each file is on record (LiteRT is an optional install tier).
+    assert meta["files"]["onnx"]["reload_runtime"].startswith("onnxruntime ")
+    litert = importlib.util.find_spec("ai_edge_litert") is not None
+    assert meta["files"]["tflite"]["reload_runtime"].startswith("ai-edge-litert " if litert else "tensorflow.lite ")
 
     test = [it for it in read_manifest(proj / "data" / "prepared" / "manifest.csv") if it.split == "test"]
     at_size = np.stack([load_image(str(proj / "data" / "raw" / it.path), size) for it in test])
@@ -152,3 +157,18 @@ def test_onnx_and_tflite_files_give_the_keras_models_probabilities(tiny_dvc_proj
         assert got.shape == keras_probs.shape and got.dtype == np.float32
         assert np.max(np.abs(got - keras_probs)) <= EXPORT_TOLERANCE, fmt
         assert np.max(np.abs(np.load(tmp_path / f"{fmt}_one.npy") - keras_probs[:1])) <= EXPORT_TOLERANCE, fmt
+
+
+def test_tflite_is_still_checked_without_litert(tiny_dvc_project: Path):
+    """Without the optional LiteRT tier the export's reload check runs the .tflite file on TensorFlow's
+    own interpreter (and says so), rather than leaving it unchecked."""
+    from pipeline.export import EXPORT_TOLERANCE, reload_probabilities
+
+    proj = tiny_dvc_project
+    model, meta = load_model(proj / "models" / "model.keras")
+    size = meta["provenance"]["image_size"]
+    x = np.random.default_rng(1).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
+    probs, runtime = reload_probabilities("tflite", proj / "models" / "model.tflite", x, hide=("ai_edge_litert",))
+    assert runtime.startswith("tensorflow.lite ") and "ai-edge-litert not installed" in runtime
+    expected = np.asarray(model.predict_on_batch(x.astype(np.float32)))
+    assert probs.shape == expected.shape and np.max(np.abs(probs - expected)) <= EXPORT_TOLERANCE

@@ -1,7 +1,6 @@
-"""pipeline.predict with the tiny project's real fine-tuned model (conftest.tiny_dvc_project)."""
+"""pipeline.predict with the tiny project's real exported model (conftest.tiny_dvc_project)."""
 import csv
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,10 +11,29 @@ import pytest
 from conftest import ROOT
 from sklearn.metrics import log_loss
 
+from pipeline.images import load_batch
+from pipeline.io_utils import PipelineError
 from pipeline.manifest import read_manifest
 from pipeline.predict import collect_images, run
 
 pytestmark = pytest.mark.slow
+
+# Runs predict's main() (this tree's, argv[1]) in a fresh process, then reports the heavy frameworks it imported.
+NO_TF = r"""
+import runpy, sys
+sys.path.insert(0, sys.argv.pop(1))
+sys.argv = ["pipeline.predict", *sys.argv[1:]]
+try:
+    runpy.run_module("pipeline.predict", run_name="__main__", alter_sys=True)
+finally:
+    heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras", "tf2onnx", "tf_keras"))
+    print("HEAVY:" + ",".join(heavy), file=sys.stderr)
+"""
+
+
+def _predict_cli(proj: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python -m pipeline.predict ARGS`` in ``proj`` (so the default models/model.onnx is its export)."""
+    return subprocess.run([sys.executable, "-c", NO_TF, str(ROOT), *args], cwd=proj, capture_output=True, text=True)
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -23,17 +41,21 @@ def _read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def test_predictions_equal_evaluate_on_the_test_split(tiny_dvc_project: Path, tmp_path: Path):
-    """Same decoding, resizing and preprocessing as training: predict reproduces evaluate's test metrics."""
-    proj = tiny_dvc_project
+def _test_split(proj: Path) -> tuple[list[str], list[Path]]:
     classes = json.loads((proj / "data" / "prepared" / "classes.json").read_text())["classes"]
     test = [it for it in read_manifest(proj / "data" / "prepared" / "manifest.csv") if it.split == "test"]
-    paths = [proj / "data" / "raw" / it.path for it in test]
+    return classes, [proj / "data" / "raw" / it.path for it in test]
+
+
+def test_predictions_equal_evaluate_on_the_test_split(tiny_dvc_project: Path, tmp_path: Path):
+    """Same decoding, resizing and preprocessing as training: predict on the export reproduces evaluate's metrics."""
+    proj = tiny_dvc_project
+    classes, paths = _test_split(proj)
     # Batches of 4 leave a last batch of 1 or more: every batch size must give the same numbers.
-    preds = run(inputs=paths, model_path=proj / "models" / "model.keras", out=tmp_path / "pred.csv", batch_size=4,
+    preds = run(inputs=paths, model_path=proj / "models" / "model.onnx", out=tmp_path / "pred.csv", batch_size=4,
                 progress=False)
     probs = np.stack([p.probs for p in preds])
-    y = np.array([classes.index(it.label) for it in test])
+    y = np.array([classes.index(p.parent.name) for p in paths])
     expected = json.loads((proj / "reports" / "metrics.json").read_text())["finetuned"]
     assert len(preds) == expected["n"]
     assert float(np.mean(probs.argmax(1) == y)) == pytest.approx(expected["accuracy"], abs=1e-12)
@@ -41,15 +63,36 @@ def test_predictions_equal_evaluate_on_the_test_split(tiny_dvc_project: Path, tm
     assert loss == pytest.approx(expected["log_loss"], abs=1e-5)
 
     rows = _read_csv(tmp_path / "pred.csv")
-    assert list(rows[0]) == ["path", "predicted_class", "probability", *(f"prob_{c}" for c in classes), "error"]
+    assert list(rows[0]) == ["path", "predicted_class", "probability", "uncertain",
+                             *(f"prob_{c}" for c in classes), "error"]
     assert [r["path"] for r in rows] == [str(p) for p in paths]
     for r, p in zip(rows, probs):
-        assert r["predicted_class"] == classes[int(p.argmax())]
+        assert r["predicted_class"] == classes[int(p.argmax())] and r["uncertain"] == "false"
         assert float(r["probability"]) == pytest.approx(float(p.max()), abs=1e-6)
 
 
-def test_folder_with_unreadable_files_is_reported_not_fatal(tiny_dvc_project: Path, tmp_path: Path):
-    """The CLI on a folder: nested images predicted, broken files listed with their error, exit 0."""
+def test_onnx_probabilities_equal_the_keras_models(tiny_dvc_project: Path, tmp_path: Path):
+    """The default path (exported ONNX on ONNX Runtime) gives the Keras model's probabilities on the same
+    decoded images; the .keras path still runs and agrees."""
+    from pipeline.models import load_model
+
+    proj = tiny_dvc_project
+    classes, paths = _test_split(proj)
+    model, meta = load_model(proj / "models" / "model.keras")
+    size = meta["provenance"]["image_size"]
+    keras_probs = np.asarray(model.predict_on_batch(load_batch([str(p) for p in paths], size).astype(np.float32)))
+    by_onnx = np.stack([p.probs for p in run(inputs=paths, out=tmp_path / "a.csv", progress=False,
+                                             model_path=proj / "models" / "model.onnx")])
+    assert by_onnx.shape == keras_probs.shape == (len(paths), len(classes))
+    assert np.max(np.abs(by_onnx - keras_probs)) <= 1e-5
+    by_keras = np.stack([p.probs for p in run(inputs=paths, out=tmp_path / "b.csv", progress=False,
+                                              model_path=proj / "models" / "model.keras", engine="tensorflow")])
+    assert np.max(np.abs(by_keras - keras_probs)) <= 1e-5
+
+
+def test_cli_on_a_folder_imports_no_tensorflow_and_reports_unreadable_files(tiny_dvc_project: Path, tmp_path: Path):
+    """The CLI with its defaults, in a fresh process: nested images predicted, broken files listed with their
+    error, exit 0, a one-line summary on stdout, and neither TensorFlow nor Keras ever imported."""
     proj = tiny_dvc_project
     folder = tmp_path / "inbox"
     raw = proj / "data" / "raw"
@@ -64,26 +107,88 @@ def test_folder_with_unreadable_files_is_reported_not_fatal(tiny_dvc_project: Pa
     (folder / ".hidden.png").write_bytes(good[0].read_bytes())
     out = tmp_path / "predictions.csv"
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.predict", str(folder), "--model", str(proj / "models" / "model.keras"),
-         "--out", str(out), "--batch-size", "2"],
-        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = _predict_cli(proj, str(folder), "--out", str(out), "--batch-size", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "HEAVY:\n" in proc.stderr, proc.stderr[-2000:]
     assert "predict: 100%" in proc.stderr  # the tqdm progress bar
-    assert "3 predicted, 2 unreadable" in proc.stderr
+    assert proc.stdout == f"5 images: 3 predicted, 0 uncertain, 2 unreadable -> {out}\n"
 
     rows = {Path(r["path"]).relative_to(folder).as_posix(): r for r in _read_csv(out)}
     assert set(rows) == {"a.png", "broken.jpg", "empty.png", "nested/b.png", "nested/deeper/c.png"}
     classes = [k[len("prob_"):] for k in next(iter(rows.values())) if k.startswith("prob_")]
     for name in ("broken.jpg", "empty.png"):
         assert rows[name]["predicted_class"] == "" and rows[name]["error"] != "", rows[name]
-        assert rows[name]["prob_" + classes[0]] == ""
+        assert rows[name]["prob_" + classes[0]] == "" and rows[name]["uncertain"] == ""
     for name in ("a.png", "nested/b.png", "nested/deeper/c.png"):
         r = rows[name]
         p = np.array([float(r[f"prob_{c}"]) for c in classes])
         assert r["error"] == ""
         assert p.sum() == pytest.approx(1.0, abs=1e-5)
         assert r["predicted_class"] == classes[int(p.argmax())]
+
+    # The options reach run(): JSON chosen by the extension, top 2, a threshold.
+    out = tmp_path / "one.json"
+    proc = _predict_cli(proj, str(folder / "a.png"), "--out", str(out), "--top-k", "2", "--min-confidence", "1")
+    assert proc.returncode == 0 and "HEAVY:\n" in proc.stderr, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["min_confidence"] == 1.0 and len(doc["predictions"][0]["top"]) == 2
+    n = doc["summary"]
+    assert proc.stdout == (f"1 images: {n['predicted']} predicted, {n['uncertain']} uncertain, 0 unreadable "
+                           f"-> {out}\n")
+
+
+def test_json_top_k_and_min_confidence(tiny_dvc_project: Path, tmp_path: Path):
+    """JSON, top 2, min_confidence P: rows below P say uncertain and name no class, the rest predict as
+    before; the ranking is sorted and the summary adds up."""
+    proj = tiny_dvc_project
+    classes, paths = _test_split(proj)
+    (tmp_path / "bad.png").write_bytes(b"")
+    inputs = [*paths, tmp_path / "bad.png"]
+    top = np.array([p.probs.max() for p in run(inputs=paths, out=tmp_path / "a.csv", progress=False,
+                                                model_path=proj / "models" / "model.onnx")])
+    threshold = float(np.median(top))
+    below = int(np.sum(top < threshold))
+    assert 0 < below < len(paths), top  # the threshold splits the rows, so both kinds are checked
+
+    out = tmp_path / "p.json"
+    run(inputs=inputs, model_path=proj / "models" / "model.onnx", out=out, fmt="json", top_k=2,
+        min_confidence=threshold, progress=False)
+    n = len(inputs)
+    doc = json.loads(out.read_text())
+    assert doc["classes"] == classes and doc["min_confidence"] == threshold
+    assert doc["summary"] == {"images": n, "predicted": n - 1 - below, "uncertain": below, "unreadable": 1}
+    assert doc["model"]["sha256"] == json.loads((proj / "models" / "serving.json").read_text())["files"]["onnx"][
+        "sha256"]
+    recs = doc["predictions"]
+    assert [r["path"] for r in recs] == list(map(str, inputs))
+    for r, t in zip(recs[:-1], top):
+        probs = r["probabilities"]
+        assert list(probs) == classes and r["error"] is None
+        assert [x["probability"] for x in r["top"]] == sorted(probs.values(), reverse=True)[:2]
+        assert r["top"][0]["class"] == max(probs, key=probs.get)
+        assert r["probability"] == pytest.approx(float(t), abs=1e-6)
+        assert r["uncertain"] is bool(t < threshold)
+        assert r["predicted_class"] == (None if t < threshold else r["top"][0]["class"])
+    assert recs[-1]["probabilities"] is None and recs[-1]["uncertain"] is None and recs[-1]["error"]
+
+
+def test_missing_or_mismatched_export_says_which_command_makes_it(tiny_dvc_project: Path, tmp_path: Path):
+    proj = tiny_dvc_project
+    image = next((proj / "data" / "raw" / "square").glob("*.png"))
+    (tmp_path / "models").mkdir()
+    proc = _predict_cli(tmp_path, str(image))  # no models/model.onnx here
+    assert proc.returncode == 1 and "HEAVY:\n" in proc.stderr
+    err = [line for line in proc.stderr.splitlines() if "ERROR" in line]
+    assert len(err) == 1 and "models/model.onnx" in err[0] and "dvc repro export" in err[0], proc.stderr
+
+    # An .onnx file that is not the one serving.json describes (e.g. copied from another run).
+    shutil.copy(proj / "models" / "model.onnx", tmp_path / "models" / "model.onnx")
+    meta = json.loads((proj / "models" / "serving.json").read_text())
+    meta["files"]["onnx"]["sha256"] = "0" * 64
+    (tmp_path / "models" / "serving.json").write_text(json.dumps(meta))
+    with pytest.raises(PipelineError, match="is not the file .* describes.*dvc repro export"):
+        run(inputs=[image], model_path=tmp_path / "models" / "model.onnx", out=tmp_path / "x.csv", progress=False)
+    assert not (tmp_path / "x.csv").exists()
 
 
 def test_refuses_the_feature_head_and_missing_inputs(tiny_dvc_project: Path, tmp_path: Path):
