@@ -24,6 +24,9 @@ and output, float32 inside, for LiteRT / mobile): pixels at the model's size, pr
 inside, class names in the JSON beside them. Every file is reloaded in a fresh ``python -I``
 process (its own runtime only, not this project) and must give the Keras model's
 probabilities to :data:`EXPORT_TOLERANCE`, or the stage fails.
+
+The model ends in its :class:`pipeline.models.Temperature` layer, so every format gives the
+calibrated probabilities, the temperature a constant of the graph (``temperature`` in the JSON).
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ from pipeline.io_utils import (
     user_errors,
     write_json,
 )
-from pipeline.models import load_model
+from pipeline.models import load_model, model_temperature
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +191,8 @@ def run(*, model_path: Path, out_dir: Path, meta_out: Path, onnx_out: Path | Non
         "outputs": {"probabilities": "float32 (B, K)", "predicted_class": "string (B,)",
                     "class_names": "string (B, K)"},
         "class_names": class_names, "image_size": size, "resize": RESIZE_METHOD,
+        # Fitted on val by finetune; inside the graph of every format written here (probabilities are calibrated).
+        "temperature": model_temperature(model),
         "source_model": str(model_path), "source_model_sha256": sha256_file(model_path),
         "reload_max_abs_diff": diff, "provenance": meta["provenance"], "versions": library_versions(),
     }
