@@ -9,7 +9,7 @@ manifest.csv, classes.json, {val,test}.h5, head.keras, model.keras, made with de
 it computes the uncalibrated val and test probabilities of every view (original, hflip, and the
 candidate ``zoom`` / ``zoom+hflip``: the central 7/8 of the image resized back), fits the temperature
 on val exactly as train_head / finetune do (:func:`pipeline.calibration.fit_temperature` on the
-original view), and prints:
+original view; also without its prior on log T, for comparison), and prints:
 
 1. calibration: test ECE and log loss before → after, each with a paired bootstrap 95 % interval
    of the after − before difference (test rows resampled ``--boot`` times);
@@ -148,6 +148,9 @@ def analyse(probs: dict, n_boot: int) -> dict:
              "ece_diff_ci": boot_diff(ece, after, before, yt, n_boot),
              "log_loss_diff_ci": boot_diff(nll, after, before, yt, n_boot),
              "ece_floor": ece_floor(after, n_boot)}
+        t_mle = fit_temperature(val[0], yv, prior_sd=None)  # without the prior on log T, for comparison
+        r["mle"] = {"temperature": t_mle, "log_loss": nll(apply_temperature(test[0], t_mle), yt),
+                    "ece": ece(apply_temperature(test[0], t_mle), yt)}
         # The test split alone is small (ECE's floor is ~0.04 at 150 images): the method's effect measured on more
         # images by cross-fitting on val ∪ test, T fitted on a random half, ECE / log loss on the other half.
         pool, ypool = np.concatenate([val[0], test[0]]), np.concatenate([yv, yt])
@@ -157,12 +160,15 @@ def analyse(probs: dict, n_boot: int) -> dict:
             a, b = perm[: len(perm) // 2], perm[len(perm) // 2:]
             tc = fit_temperature(pool[a], ypool[a])
             pb = apply_temperature(pool[b], tc)
-            diffs.append((ece(pool[b], ypool[b]), ece(pb, ypool[b]), nll(pool[b], ypool[b]), nll(pb, ypool[b])))
+            pm = apply_temperature(pool[b], fit_temperature(pool[a], ypool[a], prior_sd=None))
+            diffs.append((ece(pool[b], ypool[b]), ece(pb, ypool[b]), nll(pool[b], ypool[b]), nll(pb, ypool[b]),
+                          nll(pm, ypool[b])))
         d = np.asarray(diffs)
         r["crossfit"] = {"n_eval": int(len(ypool) - len(ypool) // 2), "ece_uncalibrated": float(d[:, 0].mean()),
                          "ece": float(d[:, 1].mean()), "log_loss_uncalibrated": float(d[:, 2].mean()),
                          "log_loss": float(d[:, 3].mean()), "ece_better_share": float(np.mean(d[:, 1] < d[:, 0])),
-                         "log_loss_better_share": float(np.mean(d[:, 3] <= d[:, 2]))}
+                         "log_loss_better_share": float(np.mean(d[:, 3] <= d[:, 2])),
+                         "log_loss_mle": float(d[:, 4].mean())}
         cal = [apply_temperature(p, t) for p in test]  # every view with the single-view T (as evaluate)
         tta2 = tta.average(cal[:2])
         t2 = fit_temperature(tta.average(val[:2]), yv)  # T refitted on TTA-averaged val probabilities
@@ -180,7 +186,8 @@ def analyse(probs: dict, n_boot: int) -> dict:
 def tables(results: dict) -> str:
     lines = ["### Calibration (test; T fitted on val; Δ = after − before, paired bootstrap 95 % interval)", "",
              "| dataset | model | n test | T | ECE before → after | Δ ECE [95 % CI] | log loss before → after "
-             "| Δ log loss [95 % CI] | ECE floor |", "|---|---|---|---|---|---|---|---|---|"]
+             "| Δ log loss [95 % CI] | ECE floor | T, log loss, ECE without prior |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for ds, res in results.items():
         for name, r in res.items():
             lines.append(
@@ -188,16 +195,17 @@ def tables(results: dict) -> str:
                 f"{r['ece']:.4f} | {r['ece'] - r['ece_uncalibrated']:+.4f} [{r['ece_diff_ci'][0]:+.4f}, "
                 f"{r['ece_diff_ci'][1]:+.4f}] | {r['log_loss_uncalibrated']:.4f} → {r['log_loss']:.4f} | "
                 f"{r['log_loss'] - r['log_loss_uncalibrated']:+.4f} [{r['log_loss_diff_ci'][0]:+.4f}, "
-                f"{r['log_loss_diff_ci'][1]:+.4f}] | {r['ece_floor']:.4f} |")
+                f"{r['log_loss_diff_ci'][1]:+.4f}] | {r['ece_floor']:.4f} | {r['mle']['temperature']:.3f}, "
+                f"{r['mle']['log_loss']:.4f}, {r['mle']['ece']:.4f} |")
     lines += ["", "### Cross-fitted on val ∪ test (200 random halves: T fitted on one, scored on the other; means)",
               "", "| dataset | model | n scored | ECE before → after | share ECE improves | log loss before → "
-              "after | share log loss not worse |", "|---|---|---|---|---|---|---|"]
+              "after | share log loss not worse | log loss, T without prior |", "|---|---|---|---|---|---|---|---|"]
     for ds, res in results.items():
         for name, r in res.items():
             c = r["crossfit"]
             lines.append(f"| {ds} | {name} | {c['n_eval']} | {c['ece_uncalibrated']:.4f} → {c['ece']:.4f} | "
                          f"{c['ece_better_share']:.0%} | {c['log_loss_uncalibrated']:.4f} → {c['log_loss']:.4f} | "
-                         f"{c['log_loss_better_share']:.0%} |")
+                         f"{c['log_loss_better_share']:.0%} | {c['log_loss_mle']:.4f} |")
     lines += ["", "### TTA (test, calibrated; accuracy / log loss / ECE)", "",
               "| dataset | model | original | + hflip (evaluate.tta) | Δ log loss [95 % CI] | + hflip, T refitted "
               "| 4 views (+ zoom) | Δ log loss [95 % CI] |", "|---|---|---|---|---|---|---|---|"]

@@ -57,6 +57,13 @@ def test_fit_temperature_recovers_a_known_overconfidence_and_fixes_ece():
     assert 0.45 < fit_temperature(under, y2) < 0.55  # under-confident: T < 1 sharpens
 
 
+def test_a_val_split_without_mistakes_does_not_send_the_temperature_to_its_bound():
+    probs, y, _ = _overconfident(n=100, seed=2)
+    y = probs.argmax(1)  # every val image right: the likelihood alone always wants a sharper model
+    assert fit_temperature(probs, y, prior_sd=None) < 0.1
+    assert 0.15 < fit_temperature(probs, y) < 1.0  # the prior holds it well inside [T_MIN, 1)
+
+
 def test_apply_temperature_identity_inverse_and_change():
     probs, _, _ = _overconfident(n=50)
     np.testing.assert_allclose(apply_temperature(probs, 1.0), probs, atol=1e-12)
