@@ -4,6 +4,13 @@ The head-only model is scored on the cached test features: by the stacking parit
 finetune asserts, that is exactly the stacked head-only model's output, at a fraction of
 the cost. The fine-tuned model is scored on the test images themselves, on the engine
 ``evaluate.engine`` picks (ONNX Runtime on CPU: probabilities within 1e-5 of TensorFlow's).
+
+Both models carry their fitted temperature (:class:`pipeline.models.Temperature`), so what is
+scored is what a user gets: calibrated probabilities. The uncalibrated ones are the same
+outputs with the temperature undone (:func:`pipeline.calibration.apply_temperature` with 1/T),
+reported beside them. With ``evaluate.tta`` each model's probabilities are averaged over the
+views of :mod:`pipeline.tta`; the head then also runs on the mirrored test images (frozen
+backbone + head), as no features of those are cached.
 """
 from __future__ import annotations
 
@@ -22,13 +29,15 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from pipeline.backbones import feature_provenance, image_size
+from pipeline import tta
+from pipeline.backbones import build_backbone, feature_provenance, image_size
+from pipeline.calibration import apply_temperature, coverage_curve, ece, reliability_bins
 from pipeline.engines import compile_engine, has_gpu, resolve_engine
 from pipeline.features import open_features
 from pipeline.images import load_image
-from pipeline.inference import predict_all
+from pipeline.inference import Infer, batched_images
 from pipeline.io_utils import atomic_path, read_json, setup_logging, user_errors, write_csv, write_json
-from pipeline.models import load_model, predict_features
+from pipeline.models import build_stacked, load_model, model_temperature, predict_features
 from pipeline.params import Params, load_params
 
 log = logging.getLogger(__name__)
@@ -37,6 +46,17 @@ log = logging.getLogger(__name__)
 PARAMS = ("backbone", "evaluate")
 
 MODELS = ("head", "finetuned")
+
+
+def _log_loss(y: np.ndarray, probs: np.ndarray, k: int) -> float:
+    return float(log_loss(y, np.clip(probs, 1e-7, 1.0), labels=list(range(k))))
+
+
+def calibration_metrics(y: np.ndarray, probs: np.ndarray, uncalibrated: np.ndarray, temperature: float) -> dict:
+    """ECE and log loss of the shipped (calibrated) ``probs`` and of the ``uncalibrated`` ones, both (N, K)."""
+    k = probs.shape[1]
+    return {"ece": ece(probs, y), "ece_uncalibrated": ece(uncalibrated, y),
+            "log_loss_uncalibrated": _log_loss(y, uncalibrated, k), "temperature": float(temperature)}
 
 
 def classification_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
@@ -55,7 +75,7 @@ def classification_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str])
         auc = float(np.mean([roc_auc_score(y == c, probs[:, c]) for c in present]))
     return {
         "accuracy": float(accuracy_score(y, pred)),
-        "log_loss": float(log_loss(y, np.clip(probs, 1e-7, 1.0), labels=labels)),
+        "log_loss": _log_loss(y, probs, k),
         "roc_auc": auc,
         "n": int(len(y)),
         # Moved to the per-class report by run(), so `dvc metrics show/diff` stays readable.
@@ -102,11 +122,48 @@ def mistakes_gallery(out: Path, paths: list[str], y: np.ndarray, probs: np.ndarr
     return len(wrong)
 
 
+def view_probabilities(infers: dict[str, list[Infer]], paths: list[str], size: int, batch_size: int,
+                       view_names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Each image decoded once, its views (:func:`pipeline.tta.views`) fed to every model's engine.
+
+    ``infers[name][v]`` runs view ``view_names[v]`` (None: that view is not computed here) →
+    ``{name: (V, N, K) float32}``, a view not computed left as NaN.
+    """
+    parts: dict[str, list[list[np.ndarray]]] = {name: [[] for _ in view_names] for name in infers}
+    for images, _ in batched_images(paths, size, batch_size, desc="evaluate"):
+        batch_views = tta.views(images, view_names)
+        for name, fns in infers.items():
+            for v, fn in enumerate(fns):
+                if fn is not None:
+                    parts[name][v].append(fn(batch_views[v]))
+    out = {}
+    for name, per_view in parts.items():
+        k = next((np.concatenate(p).shape[1] for p in per_view if p), 0)
+        out[name] = np.stack([np.concatenate(p) if p else np.full((len(paths), k), np.nan, np.float32)
+                              for p in per_view])
+    return out
+
+
+def write_plots(plots_dir: Path, name: str, y: np.ndarray, probs: np.ndarray, classes: list[str]) -> None:
+    """Confusion, ROC, reliability-diagram and accuracy-vs-coverage CSVs of one model's test ``probs`` (N, K)."""
+    write_csv(plots_dir / f"confusion_{name}.csv", ("actual", "predicted"),
+              [(classes[a], classes[b]) for a, b in zip(y, probs.argmax(1))])
+    write_csv(plots_dir / f"roc_{name}.csv", ("fpr", "tpr", "threshold"), roc_points(y, probs))
+    # `calibrated` repeats the confidence: plotted against it, the diagonal a calibrated model follows.
+    write_csv(plots_dir / f"reliability_{name}.csv",
+              ("confidence", "accuracy", "calibrated", "count", "bin_lower", "bin_upper"),
+              [(r["confidence"], r["accuracy"], r["confidence"], r["count"], r["lower"], r["upper"])
+               for r in reliability_bins(probs, y)])
+    write_csv(plots_dir / f"coverage_{name}.csv", ("min_confidence", "coverage", "accuracy", "n"),
+              [(r["min_confidence"], r["coverage"], r["accuracy"], r["n"]) for r in coverage_curve(probs, y)])
+
+
 def run(*, raw_dir: Path, classes_json: Path, test_features: Path, head_path: Path, model_path: Path,
         metrics_out: Path, per_class_out: Path, plots_dir: Path, mistakes_out: Path, params: Params) -> dict:
     """Score both models on the test split; write metrics, per-class report, plot data and mistakes.
 
-    ``metrics_out`` gets the headline numbers per model (accuracy, log loss, ROC-AUC, n);
+    ``metrics_out`` gets the headline numbers per model (accuracy, log loss, ROC-AUC, n, ECE, and log loss
+    and ECE without the model's temperature; with TTA also the original view's alone);
     ``per_class_out`` per-class precision/recall/F1/support and the confusion matrix.
     Returns both merged.
     """
@@ -114,35 +171,53 @@ def run(*, raw_dir: Path, classes_json: Path, test_features: Path, head_path: Pa
     expected = feature_provenance(params.backbone, classes)
     head, _ = load_model(head_path, expected)
     model, _ = load_model(model_path, expected)
+    temperatures = {"head": model_temperature(head), "finetuned": model_temperature(model)}
     with open_features(test_features, expected) as test:  # features read in blocks, never all at once
         head_probs, y, test_paths = predict_features(head, test), test.labels, test.paths
     size = image_size(params.backbone)
     paths = [str(raw_dir / q) for q in test_paths]
     engine = resolve_engine(params.evaluate.engine, has_gpu())
-    log.info("fine-tuned model on %s", engine)
-    probs = {
-        "head": head_probs,
-        "finetuned": predict_all(compile_engine(model, size, engine, params.evaluate.batch_size), paths, size,
-                                 params.evaluate.batch_size, desc="evaluate"),
-    }
-    report = {name: classification_metrics(y, probs[name], classes) for name in MODELS}
+    view_names = tta.TTA_VIEWS if params.evaluate.tta else ("original",)
+    log.info("fine-tuned model on %s; views %s", engine, ", ".join(view_names))
+    batch = params.evaluate.batch_size
+    infers: dict[str, list] = {"finetuned": [compile_engine(model, size, engine, batch)] * len(view_names)}
+    if len(view_names) > 1:
+        # The head's first view is the cached features; the others need the frozen backbone on the new views.
+        stacked_head = compile_engine(build_stacked(build_backbone(params.backbone), head), size, engine, batch)
+        infers["head"] = [None] + [stacked_head] * (len(view_names) - 1)
+    per_view = view_probabilities(infers, paths, size, batch, view_names)
+    if "head" in per_view:
+        per_view["head"][0] = head_probs
+    else:
+        per_view["head"] = head_probs[None]
+    probs = {name: tta.average(per_view[name]) for name in MODELS}
+    report = {}
     for name in MODELS:
-        write_csv(plots_dir / f"confusion_{name}.csv", ("actual", "predicted"),
-                  [(classes[a], classes[b]) for a, b in zip(y, probs[name].argmax(1))])
-        write_csv(plots_dir / f"roc_{name}.csv", ("fpr", "tpr", "threshold"), roc_points(y, probs[name]))
+        t = temperatures[name]
+        uncalibrated = tta.average([apply_temperature(p, 1.0 / t) for p in per_view[name]])
+        report[name] = {**classification_metrics(y, probs[name], classes),
+                        **calibration_metrics(y, probs[name], uncalibrated, t)}
+        if len(view_names) > 1:  # what TTA changed: the original view alone
+            single = per_view[name][0]
+            report[name]["single_view"] = {"accuracy": float(np.mean(single.argmax(1) == y)),
+                                           "log_loss": _log_loss(y, single, len(classes)), "ece": ece(single, y)}
+        write_plots(plots_dir, name, y, probs[name], classes)
     report["n_mistakes_shown"] = mistakes_gallery(mistakes_out, paths, y, probs["finetuned"], classes,
                                                   params.evaluate.n_mistakes)
-    details = {"class_names": classes, "engine": engine}
+    details = {"class_names": classes, "engine": engine, "tta_views": list(view_names)}
     headline = {"n_mistakes_shown": report["n_mistakes_shown"]}
     for name in MODELS:
         m = report[name]
         details[name] = {"per_class": m["per_class"], "confusion_matrix": m["confusion_matrix"]}
-        headline[name] = {k: m[k] for k in ("accuracy", "log_loss", "roc_auc", "n")}
+        headline[name] = {k: m[k] for k in ("accuracy", "log_loss", "roc_auc", "n", "ece", "ece_uncalibrated",
+                                            "log_loss_uncalibrated", "temperature", "single_view") if k in m}
     write_json(per_class_out, details)
     write_json(metrics_out, headline)
     for name in MODELS:
         m = report[name]
-        log.info("%-9s test acc %.4f  log loss %.4f  AUC %s", name, m["accuracy"], m["log_loss"], m["roc_auc"])
+        log.info("%-9s test acc %.4f  log loss %.4f (uncalibrated %.4f)  ECE %.4f (uncalibrated %.4f)  AUC %s",
+                 name, m["accuracy"], m["log_loss"], m["log_loss_uncalibrated"], m["ece"], m["ece_uncalibrated"],
+                 m["roc_auc"])
     return report
 
 

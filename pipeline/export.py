@@ -26,6 +26,10 @@ process (its own runtime only, not this project) and must give the Keras model's
 probabilities to :data:`EXPORT_TOLERANCE`, or the stage fails. The ``.tflite`` file is run by
 LiteRT when installed (``requirements-litert.txt``), else by TensorFlow's ``tf.lite.Interpreter``
 with a warning; ``serving.json`` records the runtime that checked each file (``reload_runtime``).
+
+
+The model ends in its :class:`pipeline.models.Temperature` layer, so every format gives the
+calibrated probabilities, the temperature a constant of the graph (``temperature`` in the JSON).
 """
 from __future__ import annotations
 
@@ -49,7 +53,7 @@ from pipeline.io_utils import (
     user_errors,
     write_json,
 )
-from pipeline.models import load_model
+from pipeline.models import load_model, model_temperature
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +215,8 @@ def run(*, model_path: Path, out_dir: Path, meta_out: Path, onnx_out: Path | Non
         "outputs": {"probabilities": "float32 (B, K)", "predicted_class": "string (B,)",
                     "class_names": "string (B, K)"},
         "class_names": class_names, "image_size": size, "resize": RESIZE_METHOD,
+        # Fitted on val by finetune; inside the graph of every format written here (probabilities are calibrated).
+        "temperature": model_temperature(model),
         "source_model": str(model_path), "source_model_sha256": sha256_file(model_path),
         "reload_max_abs_diff": diff, "provenance": meta["provenance"], "versions": library_versions(),
     }

@@ -38,12 +38,21 @@ from pipeline.backbones import (
     unfreeze_from,
     unfreeze_start,
 )
+from pipeline.calibration import describe, fit_on_val
 from pipeline.datasets import image_dataset
 from pipeline.features import open_features
 from pipeline.images import load_batch
 from pipeline.io_utils import library_versions, read_json, setup_logging, user_errors, write_json
 from pipeline.manifest import Item, read_manifest
-from pipeline.models import build_stacked, class_weights, load_model, save_model, write_history
+from pipeline.models import (
+    build_stacked,
+    class_weights,
+    load_model,
+    save_model,
+    with_temperature,
+    without_temperature,
+    write_history,
+)
 from pipeline.params import FinetuneParams, Params, as_dict, load_params
 from pipeline.resume import Tracker, TrainState, fingerprint, finish, restore_checkpoint, training_stream
 
@@ -210,6 +219,14 @@ def _train(stacked: keras.Model, state: TrainState, params: Params, raw_dir: Pat
     return state, True
 
 
+def calibrate(model: keras.Model, val_ds, labels: np.ndarray) -> dict:
+    """Fit the kept model's temperature on the val images (``val_ds``, labels ``(N,)`` int): its ``temperature``
+    and the val log loss and ECE before and after."""
+    summary = fit_on_val(model.predict(val_ds, verbose=0), labels)
+    log.info("fine-tuned model: %s", describe(summary))
+    return summary
+
+
 def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path, head_path: Path,
         model_out: Path, history_out: Path, metrics_out: Path, params: Params,
         live_dir: Path | None = None, checkpoint: Path | None = None,
@@ -236,7 +253,11 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path
                  p.batch_size * replicas, replica_lr_scale(p.optimizer, replicas))
     # Every variable (head, backbone, optimizer) is created under the strategy's scope.
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
-        head, head_meta = load_model(head_path, expected)
+        # Fine-tuning starts from the head as it was fitted, not from its calibrated copy: a temperature inside
+        # the training graph would scale every gradient into the head and backbone by 1/T, and the stacking
+        # parity below is a check of the uncalibrated function. The fine-tuned model gets its own T at the end.
+        calibrated_head, head_meta = load_model(head_path, expected)
+        head = without_temperature(calibrated_head)
         with open_features(val_features, expected) as val_ff:  # only the parity rows are read
             n = min(PARITY_SAMPLES, val_ff.n)
             parity_paths, parity_features = val_ff.paths[:n], val_ff.features(0, n)
@@ -280,13 +301,15 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path
     # The saved model is for inference: everything frozen again, as a loaded model would be used.
     base.trainable = False
     best_acc = next(r[4] for r in state.rows if r[0] == state.best_epoch)
+    calibration = calibrate(stacked, val_ds, np.asarray([index[it.label] for it in val]))
     metrics = {"best_epoch": state.best_epoch, "val_loss": float(state.best_loss), "val_accuracy": float(best_acc),
                "head_only_val_loss": float(init_loss), "head_only_val_accuracy": float(init_acc),
-               "parity_max_abs_diff": parity, "seconds": round(time.perf_counter() - t0, 1)}
-    save_model(stacked, model_out, {
+               "parity_max_abs_diff": parity, "calibration": calibration,
+               "seconds": round(time.perf_counter() - t0, 1)}
+    save_model(with_temperature(stacked, calibration["temperature"]), model_out, {
         "kind": "finetuned", "class_names": classes, "provenance": expected, "head_type": head_meta["head_type"],
         "finetune_params": as_dict(p), "seed": params.seed, "best_epoch": state.best_epoch,
-        "versions": library_versions(),
+        "temperature": calibration["temperature"], "versions": library_versions(),
     })
     write_history(history_out, state.rows)
     write_json(metrics_out, metrics)

@@ -1,7 +1,10 @@
-"""The one head builder, the logreg → Keras conversion, and the stacked model.
+"""The one head builder, the logreg → Keras conversion, the stacked model, and the temperature layer.
 
 A head maps pooled features ``(B, D)`` float32 → class probabilities ``(B, K)`` float32
 (softmax, also for K = 2, where a 2-way softmax equals a sigmoid on the logit difference).
+Every saved model (``head.keras``, ``model.keras``) ends in a :class:`Temperature` layer that
+holds the model's fitted temperature, so the model file and every format exported from it
+give calibrated probabilities (:mod:`pipeline.calibration`).
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import keras
 import numpy as np
 
 import pipeline.backbones  # noqa: F401  (registers the Preprocess layer for deserialization)
+from pipeline.calibration import PROB_FLOOR
 from pipeline.features import ProvenanceError, check_provenance
 from pipeline.io_utils import atomic_path, read_json, sha256_file, write_csv, write_json
 
@@ -88,6 +92,61 @@ def build_stacked(backbone: keras.Model, head: keras.Model) -> keras.Model:
     return keras.Model(inputs, outputs, name="stacked")
 
 
+# The name of the Temperature layer at the end of every saved model.
+TEMPERATURE_LAYER = "temperature"
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class Temperature(keras.layers.Layer):
+    """Temperature scaling: class probabilities ``(B, K)`` → ``softmax(log max(p, PROB_FLOOR) / T)`` ``(B, K)``.
+
+    ``log p`` equals the logits up to a per-row constant, so this is softmax(logits / T), computed
+    from the probabilities the head's softmax already gives (the head needs no second, logit output).
+    ``T`` is a constant of the layer's config (not a weight: nothing trains it), so it is inside
+    the graph of every export (SavedModel, ONNX, TFLite) as one scalar. Numerically the same as
+    :func:`pipeline.calibration.apply_temperature`.
+    """
+
+    def __init__(self, temperature: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        self.temperature = float(temperature)
+
+    def call(self, probs):
+        p = keras.ops.maximum(keras.ops.cast(probs, "float32"), PROB_FLOOR)
+        return keras.ops.softmax(keras.ops.log(p) * (1.0 / self.temperature), axis=-1)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "temperature": self.temperature}
+
+
+def without_temperature(model: keras.Model) -> keras.Model:
+    """The model's uncalibrated part: ``model`` itself when it has no :class:`Temperature` layer, else the
+    functional model up to that layer's input (same layers, same weights)."""
+    try:
+        layer = model.get_layer(TEMPERATURE_LAYER)
+    except ValueError:
+        return model
+    return keras.Model(model.inputs, layer.input, name=model.name)
+
+
+def with_temperature(model: keras.Model, temperature: float) -> keras.Model:
+    """``model`` (outputs probabilities ``(B, K)``) with its temperature set to ``temperature``: any
+    :class:`Temperature` layer it has is replaced, so the result always has exactly one, at the end."""
+    inner = without_temperature(model)
+    outputs = Temperature(temperature, name=TEMPERATURE_LAYER)(inner.outputs[0])
+    return keras.Model(inner.inputs, outputs, name=inner.name)
+
+
+def model_temperature(model: keras.Model) -> float:
+    """The temperature a model applies: its :class:`Temperature` layer's, or 1.0 (uncalibrated) without one."""
+    try:
+        return float(model.get_layer(TEMPERATURE_LAYER).temperature)
+    except ValueError:
+        return 1.0
+
+
 def save_model(model: keras.Model, path: "str | Path", meta: dict) -> None:
     """Save ``model`` atomically as .keras plus a ``<stem>.json`` sidecar with its provenance.
 
@@ -116,7 +175,11 @@ def load_model(path: "str | Path", expected: Optional[dict] = None) -> tuple[ker
             f"{meta_path(path)} does not describe {path} (sha256 differs); re-run the stage that writes it")
     if expected is not None:
         check_provenance(str(path), meta.get("provenance", {}), expected, "re-run `dvc repro` (or fix params.yaml)")
-    return keras.models.load_model(path, compile=False), meta
+    model = keras.models.load_model(path, compile=False)
+    if "temperature" in meta and not np.isclose(model_temperature(model), meta["temperature"], rtol=1e-6):
+        raise ProvenanceError(f"{path} applies temperature {model_temperature(model)}, its sidecar "
+                              f"{meta_path(path)} says {meta['temperature']}; re-run the stage that writes it")
+    return model, meta
 
 
 def predict_features(head: keras.Model, ff, rows: int = 8192) -> np.ndarray:

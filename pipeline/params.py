@@ -150,6 +150,8 @@ class EvaluateParams:
     batch_size: int = field(default=32, metadata=_range(1, 4096))
     n_mistakes: int = field(default=16, metadata=_range(0, 1000))
     engine: Literal["auto", "tensorflow", "onnxruntime"] = "auto"
+    # Test-time augmentation: average each model's probabilities over the image and its mirror image.
+    tta: bool = False
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, log_loss
 
 from pipeline.backbones import feature_provenance
+from pipeline.calibration import describe, fit_on_val
 from pipeline.features import FeatureFile, FeatureSet, open_features
 from pipeline.io_utils import library_versions, read_json, setup_logging, user_errors, write_json
 from pipeline.models import (
@@ -31,6 +32,7 @@ from pipeline.models import (
     logreg_to_dense_weights,
     predict_features,
     save_model,
+    with_temperature,
     write_history,
 )
 from pipeline.params import Params, as_dict, load_params
@@ -195,6 +197,14 @@ def split_metrics(head: keras.Model, ff: FeatureFile, n_classes: int) -> dict:
     }
 
 
+def calibrate(head: keras.Model, val: FeatureFile) -> tuple[keras.Model, dict]:
+    """Fit the head's temperature on the val features → (the head with its :class:`pipeline.models.Temperature`
+    layer, a summary: ``temperature`` and the val log loss and ECE before and after)."""
+    summary = fit_on_val(predict_features(head, val), val.labels)
+    log.info("head: %s", describe(summary))
+    return with_temperature(head, summary["temperature"]), summary
+
+
 def run(*, train_h5: Path, val_h5: Path, classes_json: Path, head_out: Path, metrics_out: Path,
         history_out: Path, params: Params) -> dict:
     """Fit the head on train features (model selection on val); returns the metrics written."""
@@ -207,8 +217,11 @@ def run(*, train_h5: Path, val_h5: Path, classes_json: Path, head_out: Path, met
         else:
             head, history = fit_dense(train, val, len(classes), params)
         seconds = time.perf_counter() - t0
+        # train/val metrics of the head as fitted (uncalibrated): the learning curve's end point. The temperature
+        # is fitted on val after the fit, on probabilities nothing was selected on but the early-stopping epoch.
         metrics = {"train": split_metrics(head, train, len(classes)), "val": split_metrics(head, val, len(classes)),
                    "fit_seconds": round(seconds, 3)}
+        head, metrics["calibration"] = calibrate(head, val)
     if not history:  # logreg has no epochs: one row, so the learning-curve plot still shows its end point
         history = [(1, metrics["train"]["log_loss"], metrics["train"]["accuracy"], metrics["val"]["log_loss"],
                     metrics["val"]["accuracy"])]
@@ -216,7 +229,7 @@ def run(*, train_h5: Path, val_h5: Path, classes_json: Path, head_out: Path, met
     save_model(head, head_out, {
         "kind": "head", "head_type": params.head.type, "head_params": as_dict(head_params), "seed": params.seed,
         "class_weight": params.head.class_weight, "augmented_views": int(train.attrs.get("augmented_views", 0)),
-        "class_names": classes, "feature_dim": train.dim,
+        "class_names": classes, "feature_dim": train.dim, "temperature": metrics["calibration"]["temperature"],
         "provenance": expected, "versions": library_versions(),
     })
     write_history(history_out, history)

@@ -220,8 +220,9 @@ def test_kill_during_evaluate_leaves_no_report(project, tmp_path):
     # The rerun completes; the reports are those of an uninterrupted run (the reference's model).
     metrics = project.evaluate(out)
     assert json.loads((out / "metrics.json").read_text())["finetuned"]["n"] == metrics["finetuned"]["n"] > 0
-    assert {p.name for p in (out / "plots").iterdir()} == {"confusion_head.csv", "confusion_finetuned.csv",
-                                                           "roc_head.csv", "roc_finetuned.csv"}
+    assert {p.name for p in (out / "plots").iterdir()} == {
+        f"{kind}_{model}.csv" for kind in ("confusion", "roc", "reliability", "coverage")
+        for model in ("head", "finetuned")}
 
 
 # --- write failures ------------------------------------------------------------------------------------
