@@ -27,7 +27,6 @@ probabilities to :data:`EXPORT_TOLERANCE`, or the stage fails. The ``.tflite`` f
 LiteRT when installed (``requirements-litert.txt``), else by TensorFlow's ``tf.lite.Interpreter``
 with a warning; ``serving.json`` records the runtime that checked each file (``reload_runtime``).
 
-
 The model ends in its :class:`pipeline.models.Temperature` layer, so every format gives the
 calibrated probabilities, the temperature a constant of the graph (``temperature`` in the JSON).
 """
