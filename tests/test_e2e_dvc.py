@@ -13,7 +13,7 @@ from conftest import ROOT, copy_project, ran_stages, run_dvc, run_git
 
 pytestmark = pytest.mark.slow
 
-STAGES = {"demo", "prepare", "extract", "train_head", "finetune", "evaluate", "export"}
+STAGES = {"demo", "prepare", "extract", "audit", "train_head", "finetune", "evaluate", "export"}
 
 
 def test_repro_runs_every_stage_and_writes_metrics(tiny_dvc_run):
@@ -61,7 +61,7 @@ def test_seed_change_does_not_rerun_extract(tiny_dvc_project, tmp_path):
     params["seed"] = 7
     (proj / "params.yaml").write_text(yaml.safe_dump(params))
     out = run_dvc(proj, "repro")
-    assert ran_stages(out) == {"train_head", "finetune", "evaluate", "export"}, out
+    assert ran_stages(out) == {"audit", "train_head", "finetune", "evaluate", "export"}, out
 
 
 def test_metrics_show_lists_stage_metrics(tiny_dvc_project):
