@@ -81,7 +81,7 @@ def _csv(path):
 @pytest.mark.parametrize("views", [True, False])
 def test_planted_flip_and_duplicate_are_found(tmp_path, views):
     raw, work, paths, flipped, (copy, original) = _features(tmp_path)
-    res, out = _run(raw, work, paths, views=views, folds=5)
+    res, out = _run(raw, work, paths, views=views, folds=5, duplicate_threshold=0.97)
     issues = _csv(out / "label_issues.csv")
     assert issues and issues[0]["path"] == flipped, issues[:3]
     assert issues[0] == {**issues[0], "split": "train", "given_label": "square", "suggested_label": "circle"}
