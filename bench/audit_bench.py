@@ -88,8 +88,10 @@ def plant(name: str, dest: Path, flip_fraction: float, n_dups: int, seed: int, d
         c, rel = files[i]
         new_c = classes[int(rng.choice([j for j in range(len(classes)) if classes[j] != c]))]
         target = dest / new_c / rel
-        if target.exists():  # same name in both class folders: keep both, the flip under another name
-            target = target.with_name("flip_" + target.name)
+        j = 0
+        while target.exists():  # same name in both class folders: keep both, the flip under another name
+            j += 1
+            target = target.with_name(f"flip{j}_{Path(rel).name}")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(dest / c / rel, target)
         flips.append({"path": target.relative_to(dest).as_posix(), "true": c, "given": new_c})
@@ -160,13 +162,13 @@ def cmd_plant(args: argparse.Namespace) -> None:
               f"stage seconds {times}", flush=True)
 
 
-def score_one(name: str, work: Path, overrides: list[str]) -> dict:
+def score_one(name: str, work: Path, overrides: list[str], tag: str = "") -> dict:
     from pipeline import audit
 
     raw_dir = work / "raw"
     params = parse_params(load_raw_params(raw_dir, overrides))
     planted = json.loads((work / "planted.json").read_text())
-    out = work / "audit"
+    out = work / f"audit{'-' + tag if tag else ''}"
     t0 = time.perf_counter()
     res = audit.run(raw_dir=raw_dir, manifest=work / "manifest.csv", classes_json=work / "classes.json",
                     features={s: work / f"{s}.h5" for s in SPLITS}, label_issues_out=out / "label_issues.csv",
@@ -188,7 +190,8 @@ def score_one(name: str, work: Path, overrides: list[str]) -> dict:
     sims = sorted(float(unit[row[d["copy"]]] @ unit[row[d["original"]]]) for d in planted["dups"])
     by_split = Counter(pool.splits[i] for i in flips)
     result = {
-        "dataset": name, "images": len(pool.paths), "planted_flips": n, "flips_by_split": dict(by_split),
+        "dataset": name, "tag": tag, "overrides": overrides,
+        "images": len(pool.paths), "planted_flips": n, "flips_by_split": dict(by_split),
         "flips_in_top_2n": len(top & flips), "recall_top_2n": len(top & flips) / n,
         "precision_top_2n": len(top & flips) / (2 * n),
         "flagged": len(flagged), "flips_flagged": len(flagged & flips), "recall_flagged": len(flagged & flips) / n,
@@ -208,7 +211,7 @@ def score_one(name: str, work: Path, overrides: list[str]) -> dict:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    results = [score_one(name, args.work / name, args.overrides) for name in args.datasets]
+    results = [score_one(name, args.work / name, args.overrides, args.tag) for name in args.datasets]
     print(f"\noverrides: {' '.join(args.overrides) or '(params.yaml defaults)'}")
     print("| data (images) | flips planted | in top 2N (recall) | flagged: recall / precision | "
           "dups planted | found (recall) | false cross-split pairs | min planted-pair similarity | audit s |")
@@ -248,20 +251,21 @@ def cmd_time(args: argparse.Namespace) -> None:
                      history_out=out / "ft_history.csv", metrics_out=out / "ft_metrics.json", params=params)
         times["finetune"] = time.perf_counter() - t0
         print(f"{name}: {times}", flush=True)
-        t0 = time.perf_counter()  # last: a fresh cache, every image and view computed
-        extract.run(raw_dir=raw_dir, manifest=work / "manifest.csv", classes_json=work / "classes.json",
-                    outs={s: out / f"{s}.h5" for s in SPLITS}, params=params, cache_dir=None)
-        times["extract_uncached"] = time.perf_counter() - t0
+        if args.extract:
+            t0 = time.perf_counter()  # a fresh cache: every image and view computed
+            extract.run(raw_dir=raw_dir, manifest=work / "manifest.csv", classes_json=work / "classes.json",
+                        outs={s: out / f"{s}.h5" for s in SPLITS}, params=params, cache_dir=None)
+            times["extract_uncached"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         audit.run(raw_dir=raw_dir, manifest=work / "manifest.csv", classes_json=work / "classes.json",
                   features=feats, label_issues_out=out / "label_issues.csv", duplicates_out=out / "dups.csv",
                   outliers_out=out / "outliers.csv", imbalance_out=out / "imbalance.csv",
                   metrics_out=out / "audit.json", gallery_dir=out / "gallery", params=params)
         times["audit_again"] = time.perf_counter() - t0
-        rest = times["extract_uncached"] + times["train_head"] + times["finetune"]
+        rest = times.get("extract_uncached", 0.0) + times["train_head"] + times["finetune"]
         share = (times["audit"] + times["audit_again"]) / 2 / rest
         print(f"{name}: {json.dumps({k: round(v, 1) for k, v in times.items()})}; audit (mean of 2) / "
-              f"(extract + train_head + finetune) = {share:.1%}", flush=True)
+              f"({'extract + ' if args.extract else ''}train_head + finetune) = {share:.1%}", flush=True)
         with open(args.work / "timing.jsonl", "a") as f:
             f.write(json.dumps({"dataset": name, **{k: round(v, 2) for k, v in times.items()},
                                 "audit_share": round(share, 4)}) + "\n")
@@ -275,12 +279,15 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--datasets", nargs="+", default=list(DEFAULT_DATASETS))
         p.add_argument("--work", type=Path, default=Path("/tmp/i20-audit/bench"))
         p.add_argument("-S", dest="overrides", action="append", default=[], help="params override key=value")
+    sub.choices["score"].add_argument("--tag", default="", help="name of this variant (its reports go to audit-TAG/)")
     plant_p = sub.choices["plant"]
     plant_p.add_argument("--cache", type=Path, default=Path("/tmp/i20-audit/cache"))
     plant_p.add_argument("--flip-fraction", type=float, default=0.05)
     plant_p.add_argument("--dups", type=int, default=10)
     plant_p.add_argument("--seed", type=int, default=2026)
     plant_p.add_argument("--time", action="store_true", help="also run train_head and finetune, timed")
+    sub.choices["time"].add_argument("--extract", action="store_true",
+                                     help="also time an uncached extract (minutes: every image and view)")
     args = ap.parse_args(argv)
     setup_logging()
     {"plant": cmd_plant, "score": cmd_score, "time": cmd_time}[args.cmd](args)

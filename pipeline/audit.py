@@ -264,12 +264,12 @@ def _font(size: int = 12) -> ImageFont.ImageFont:
 def contact_sheet(out: Path, raw_dir: Path, tiles: list[tuple[list[str], list[tuple[str, str]]]], empty: str,
                   thumb: int = 160) -> None:
     """A PNG grid: each tile is one or more images side by side (relative paths) over caption lines
-    ``(text, colour)``. An image that no longer decodes is drawn grey, named in its caption."""
+    ``(text, colour)``, the first one per image its path. An image that no longer decodes is drawn grey."""
     per = max((len(t[0]) for t in tiles), default=1)
     cols = max(1, min(4 if per == 1 else 2, len(tiles)))
     lines = max((len(t[1]) for t in tiles), default=1)
     cap = 6 + 15 * lines
-    w, h = per * thumb, thumb + cap
+    w, h = max(per * thumb, 240), thumb + cap  # room for a path and a long class name under one thumbnail
     rows = max(1, -(-len(tiles) // cols))
     sheet = Image.new("RGB", (cols * w + (cols - 1) * 8, rows * h), "white")
     draw = ImageDraw.Draw(sheet)
@@ -285,18 +285,20 @@ def contact_sheet(out: Path, raw_dir: Path, tiles: list[tuple[list[str], list[tu
                 img = Image.new("RGB", (thumb, thumb), (200, 200, 200))
             sheet.paste(img, (x + k * thumb, y))
         for i, (text, colour) in enumerate(caption):
-            draw.text((x + 4, y + thumb + 2 + 15 * i), _fit_text(draw, text, w - 8, font), fill=colour, font=font)
+            text = _fit_text(draw, text, w - 8, font, keep_end=i < len(paths))  # a path keeps its file name
+            draw.text((x + 4, y + thumb + 2 + 15 * i), text, fill=colour, font=font)
     with atomic_path(out) as tmp:
         sheet.save(tmp, format="PNG")
 
 
-def _fit_text(draw: ImageDraw.ImageDraw, text: str, width: int, font: ImageFont.ImageFont) -> str:
-    """``text``, shortened from the left with '…' until it fits ``width`` pixels (paths end in the file name)."""
+def _fit_text(draw: ImageDraw.ImageDraw, text: str, width: int, font: ImageFont.ImageFont,
+              keep_end: bool = False) -> str:
+    """``text`` shortened with '…' until it fits ``width`` pixels: from the left with ``keep_end``, else the right."""
     if draw.textlength(text, font=font) <= width:
         return text
-    while len(text) > 1 and draw.textlength("…" + text, font=font) > width:
-        text = text[1:]
-    return "…" + text
+    while len(text) > 1 and draw.textlength(text + "…", font=font) > width:
+        text = text[1:] if keep_end else text[:-1]
+    return "…" + text if keep_end else text + "…"
 
 
 def run(*, raw_dir: Path, manifest: Path, classes_json: Path, features: dict[str, Path], label_issues_out: Path,
@@ -345,7 +347,7 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, features: dict[str
     n = p.gallery_size
     contact_sheet(gallery_dir / "label_issues.png", raw_dir, [
         ([pool.paths[i]], [(pool.paths[i], "black"), (f"{pool.splits[i]}, given: {classes[pool.labels[i]]}", "black"),
-                           (f"suggested: {classes[suggested[i]]} (score {quality[i]:.3f})", "red")])
+                           (f"suggested: {classes[suggested[i]]}", "red"), (f"score {quality[i]:.4f}", "red")])
         for i in flagged[:n]], "no label issues found")
     contact_sheet(gallery_dir / "near_duplicates.png", raw_dir, [
         ([pool.paths[i], pool.paths[j]], [(pool.paths[i], "black"), (pool.paths[j], "black"),
