@@ -28,6 +28,11 @@ def test_repro_runs_every_stage_and_writes_metrics(tiny_dvc_run):
         assert len(details[model]["confusion_matrix"]) == 3
         assert set(details[model]["per_class"]) == {"circle", "square", "stripes"}
     assert (proj / "reports" / "mistakes.png").stat().st_size > 0
+    audit = json.loads((proj / "reports" / "audit.json").read_text())
+    assert audit["images"] == 36 and 0.0 <= audit["out_of_fold_accuracy"] <= 1.0
+    header = (proj / "reports" / "audit" / "label_issues.csv").read_text().splitlines()[0]
+    assert header == "path,split,given_label,suggested_label,score"
+    assert (proj / "reports" / "audit" / "gallery" / "near_duplicates.png").stat().st_size > 0
     for f in ("features/train.h5", "features/val.h5", "features/test.h5", "models/head.keras", "models/model.keras"):
         assert (proj / f).is_file(), f
     # The demo stage generated the default images even though this project's params point elsewhere.
