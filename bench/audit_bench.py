@@ -240,11 +240,12 @@ def cmd_time(args: argparse.Namespace) -> None:
                   outliers_out=out / "outliers.csv", imbalance_out=out / "imbalance.csv",
                   metrics_out=out / "audit.json", gallery_dir=out / "gallery", params=params)
         times["audit"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        train_head.run(train_h5=feats["train"], val_h5=feats["val"], classes_json=work / "classes.json",
-                       head_out=out / "head.keras", metrics_out=out / "head_metrics.json",
-                       history_out=out / "head_history.csv", params=params)
-        times["train_head"] = time.perf_counter() - t0
+        if not (args.reuse_head and (out / "head.keras").is_file()):
+            t0 = time.perf_counter()
+            train_head.run(train_h5=feats["train"], val_h5=feats["val"], classes_json=work / "classes.json",
+                           head_out=out / "head.keras", metrics_out=out / "head_metrics.json",
+                           history_out=out / "head_history.csv", params=params)
+            times["train_head"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         finetune.run(raw_dir=raw_dir, manifest=work / "manifest.csv", classes_json=work / "classes.json",
                      val_features=feats["val"], head_path=out / "head.keras", model_out=out / "model.keras",
@@ -262,10 +263,11 @@ def cmd_time(args: argparse.Namespace) -> None:
                   outliers_out=out / "outliers.csv", imbalance_out=out / "imbalance.csv",
                   metrics_out=out / "audit.json", gallery_dir=out / "gallery", params=params)
         times["audit_again"] = time.perf_counter() - t0
-        rest = times.get("extract_uncached", 0.0) + times["train_head"] + times["finetune"]
+        rest = times.get("extract_uncached", 0.0) + times.get("train_head", 0.0) + times["finetune"]
         share = (times["audit"] + times["audit_again"]) / 2 / rest
         print(f"{name}: {json.dumps({k: round(v, 1) for k, v in times.items()})}; audit (mean of 2) / "
-              f"({'extract + ' if args.extract else ''}train_head + finetune) = {share:.1%}", flush=True)
+              f"({' + '.join(k for k in ('extract_uncached', 'train_head', 'finetune') if k in times)}) = "
+              f"{share:.1%}", flush=True)
         with open(args.work / "timing.jsonl", "a") as f:
             f.write(json.dumps({"dataset": name, **{k: round(v, 2) for k, v in times.items()},
                                 "audit_share": round(share, 4)}) + "\n")
@@ -288,6 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     plant_p.add_argument("--time", action="store_true", help="also run train_head and finetune, timed")
     sub.choices["time"].add_argument("--extract", action="store_true",
                                      help="also time an uncached extract (minutes: every image and view)")
+    sub.choices["time"].add_argument("--reuse-head", action="store_true",
+                                     help="use the head a previous run left (train_head not timed)")
     args = ap.parse_args(argv)
     setup_logging()
     {"plant": cmd_plant, "score": cmd_score, "time": cmd_time}[args.cmd](args)
