@@ -155,6 +155,28 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class AuditParams:
+    # k of the stratified k-fold over train + val that gives every image an out-of-fold probability.
+    folds: int = field(default=10, metadata=_range(2, 100))
+    # Inverse L2 strength of each fold's logistic regression.
+    C: float = field(default=0.01, metadata=_range(0.0, None, lo_open=True))
+    # Standardize each feature dimension over the fold's training rows (else one RMS scale).
+    standardize: bool = True
+    max_iter: int = field(default=1000, metadata=_range(1, None))
+    # Train the fold models on the cached augmented views too, and average a train image's
+    # prediction over it and its views.
+    views: bool = True
+    # Cosine similarity of the clean features at or above which two images are near-duplicates.
+    duplicate_threshold: float = field(default=0.9, metadata=_range(0.0, 1.0, lo_open=True))
+    # Neighbours of cleanlab's kNN out-of-distribution score.
+    outlier_neighbors: int = field(default=10, metadata=_range(1, 1000))
+    # A class with fewer train images than this share of the largest class's is flagged.
+    imbalance_ratio: float = field(default=0.2, metadata=_range(0.0, 1.0))
+    # Images (or pairs) per gallery PNG.
+    gallery_size: int = field(default=16, metadata=_range(0, 1000))
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 42
     data: DataParams = DataParams()
@@ -164,6 +186,7 @@ class Params:
     head: HeadParams = HeadParams()
     finetune: FinetuneParams = FinetuneParams()
     evaluate: EvaluateParams = EvaluateParams()
+    audit: AuditParams = AuditParams()
 
 
 def _describe(tp: Any) -> str:

@@ -12,6 +12,12 @@ adding images never moves an existing image to another split, and the split does
 on the machine or on directory listing order. If ``raw_dir`` already holds ``train/`` and
 ``val/`` (optionally ``test/``) folders with class sub-folders, that split is kept; without
 ``test/``, the test split is carved out of ``train/`` by the same hash.
+
+An exclude list (``--exclude``, ``data/exclude.txt`` in dvc.yaml: one path relative to
+``raw_dir`` per line, or a folder to leave out whole; ``#`` starts a comment line) leaves
+files out of the manifest without touching the folder: each is reported in the quarantine
+report with kind ``excluded``, and an entry that matches no image file is a warning naming
+it. This is how a user acts on the audit stage's findings, as a reviewed, diffable commit.
 """
 from __future__ import annotations
 
@@ -133,6 +139,61 @@ def _scan_files(raw_dir: Path) -> tuple[list[str], list[_Candidate], Scanner, bo
     return classes, cands, sc, presplit
 
 
+@dataclass(frozen=True)
+class ExcludeEntry:
+    path: str  # relative to raw_dir, POSIX separators, no trailing slash
+    line: int
+
+
+def read_exclude_list(path: Path) -> list[ExcludeEntry]:
+    """The entries of an exclude list: one path relative to ``data.raw_dir`` per line (a file, or a
+    folder whose files are all left out); blank lines and lines starting with ``#`` are skipped."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: exclude list not found; create it (it may hold only comments) or fix "
+                                "the --exclude path in dvc.yaml")
+    entries = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        rel = text.strip("/")
+        while rel.startswith("./"):
+            rel = rel[2:]
+        if not rel or ".." in rel.split("/") or os.path.isabs(text):
+            raise DatasetError(f"{path}:{n}: {text!r} is not a path inside data.raw_dir; write it relative to "
+                               "data.raw_dir as the manifest and the audit reports show it (e.g. cats/img001.jpg)")
+        entries.append(ExcludeEntry(rel, n))
+    return entries
+
+
+def apply_exclude_list(cands: list[_Candidate], entries: list[ExcludeEntry],
+                       source: Path) -> tuple[list[_Candidate], list[Quarantined]]:
+    """Split ``cands`` into those kept and the quarantine entries of those an entry names; warn
+    about each entry that matches no candidate image file."""
+    if not entries:
+        return cands, []
+    exact = {e.path: e for e in entries}
+    kept, excluded, used = [], [], set()
+    for c in cands:
+        hit = exact.get(c.path)
+        if hit is None:  # a folder entry: any parent folder of the file
+            parts = c.path.split("/")
+            hit = next((exact[p] for p in ("/".join(parts[:i]) for i in range(len(parts) - 1, 0, -1))
+                        if p in exact), None)
+        if hit is None:
+            kept.append(c)
+        else:
+            used.add(hit.path)
+            excluded.append(Quarantined(printable(c.path), "excluded", f"listed in {source} line {hit.line}"))
+    for e in entries:
+        if e.path not in used:
+            log.warning("%s:%d: %r matches no image file under data.raw_dir; fix the path or delete the line",
+                        source, e.line, e.path)
+    if excluded:
+        log.info("%d image file(s) left out by %s", len(excluded), source)
+    return kept, excluded
+
+
 def check_images(raw_dir: Path, paths: list[str], max_pixels: int, workers: Optional[int] = None) -> list[str]:
     """Decode every file (relative to ``raw_dir``) with the pipeline's decoder, in parallel.
 
@@ -162,11 +223,12 @@ def _report(raw_dir: Path, report: list[Quarantined], n_files: int, n_good: int,
             quarantine: Optional[Path]) -> str:
     """Write the quarantine report (when asked) and log a summary; returns where to look for details."""
     rejected = [q for q in report if q.kind == "rejected"]
+    n_excluded = sum(q.kind == "excluded" for q in report)
     if quarantine is not None:
         write_csv(quarantine, QUARANTINE_HEADER, [(q.path, q.kind, q.reason) for q in report])
     where = f"see {quarantine} for every file and reason" if quarantine else "every file and reason is logged"
-    log.info("%s: %d image files, %d usable, %d rejected, %d other entries ignored", raw_dir, n_files, n_good,
-             len(rejected), len(report) - len(rejected))
+    log.info("%s: %d image files, %d usable, %d rejected, %d excluded, %d other entries ignored", raw_dir, n_files,
+             n_good, len(rejected), n_excluded, len(report) - len(rejected) - n_excluded)
     for q in rejected[:20]:
         log.warning("rejected %s: %s", q.path, q.reason)
     if len(rejected) > 20:
@@ -237,18 +299,22 @@ def _check_every_split(raw_dir: Path, classes: list[str], items: list[Item], par
 
 
 def scan(raw_dir: Path, params: DataParams, workers: Optional[int] = None,
-         quarantine: Optional[Path] = None) -> tuple[list[str], list[Item], list[Quarantined]]:
+         quarantine: Optional[Path] = None,
+         exclude: Optional[Path] = None) -> tuple[list[str], list[Item], list[Quarantined]]:
     """Walk, check and split ``raw_dir`` → (class names, manifest items, quarantine entries).
 
     Items are sorted by split, class, path; quarantine entries by path. When ``quarantine`` is
     given the report is written there before any check can fail, so a failed run still says
-    which files were refused and why.
+    which files were refused and why. ``exclude``: an exclude list (:func:`read_exclude_list`);
+    the files it names are neither checked nor split, and are reported as ``excluded``.
     """
+    entries = read_exclude_list(exclude) if exclude is not None else []
     classes, cands, sc, presplit = _scan_files(raw_dir)
+    cands, excluded = apply_exclude_list(cands, entries, exclude)
     reasons = check_images(raw_dir, [c.path for c in cands], params.max_image_pixels, workers)
     good = [c for c, r in zip(cands, reasons) if not r]
-    report = sorted(sc.quarantined + [Quarantined(printable(c.path), "rejected", r)
-                                      for c, r in zip(cands, reasons) if r], key=lambda q: q.path)
+    report = sorted(sc.quarantined + excluded + [Quarantined(printable(c.path), "rejected", r)
+                                                 for c, r in zip(cands, reasons) if r], key=lambda q: q.path)
     rejected = [q for q in report if q.kind == "rejected"]
     where = _report(raw_dir, report, len(good) + len(rejected), len(good), quarantine)
     _check_usable(raw_dir, classes, good, Counter(c.label for c, r in zip(cands, reasons) if r), rejected, where,
@@ -259,10 +325,12 @@ def scan(raw_dir: Path, params: DataParams, workers: Optional[int] = None,
 
 
 def run(*, raw_dir: Path, manifest: Path, classes_out: Path, params: DataParams,
-        quarantine: Optional[Path] = None, workers: Optional[int] = None) -> list[Item]:
+        quarantine: Optional[Path] = None, workers: Optional[int] = None,
+        exclude: Optional[Path] = None) -> list[Item]:
     """Scan, check, split; write the manifest CSV (path, label, split), the class list JSON and
-    (when given) the quarantine report CSV (path, kind, reason). Returns the manifest items."""
-    classes, items, _ = scan(raw_dir, params, workers, quarantine)
+    (when given) the quarantine report CSV (path, kind, reason). ``exclude``: the exclude list whose
+    files are left out. Returns the manifest items."""
+    classes, items, _ = scan(raw_dir, params, workers, quarantine, exclude)
     write_manifest(manifest, items)
     counts = {s: {c: sum(1 for it in items if it.split == s and it.label == c) for c in classes} for s in SPLITS}
     write_json(classes_out, {"classes": classes, "counts": counts})
@@ -278,13 +346,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--classes", type=Path, required=True)
     ap.add_argument("--quarantine", type=Path, default=None,
                     help="CSV report of every file not in the manifest (path, kind, reason)")
+    ap.add_argument("--exclude", type=Path, default=None,
+                    help="exclude list: files (or folders) relative to --raw-dir to leave out, one per line")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
     setup_logging()
     with user_errors():
         params = load_params(args.params, "prepare", PARAMS)
         run(raw_dir=args.raw_dir, manifest=args.manifest, classes_out=args.classes, params=params.data,
-            quarantine=args.quarantine)
+            quarantine=args.quarantine, exclude=args.exclude)
 
 
 if __name__ == "__main__":

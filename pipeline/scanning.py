@@ -36,8 +36,8 @@ class Quarantined:
     """A file or folder under raw_dir that is not in the manifest.
 
     ``kind``: ``rejected`` (an image file that cannot be used; counts towards
-    ``data.max_rejected_fraction``) or ``ignored`` (not an image file by name, hidden, a
-    duplicate link; never counted).
+    ``data.max_rejected_fraction``), ``ignored`` (not an image file by name, hidden, a
+    duplicate link; never counted) or ``excluded`` (named by the exclude list; never counted).
     """
 
     path: str  # relative to raw_dir, POSIX separators

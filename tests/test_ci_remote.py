@@ -14,7 +14,7 @@ from conftest import run_dvc, run_git
 
 pytestmark = pytest.mark.slow
 
-ALL_STAGES = {"demo", "prepare", "extract", "train_head", "finetune", "evaluate", "export"}
+ALL_STAGES = {"demo", "prepare", "extract", "audit", "train_head", "finetune", "evaluate", "export"}
 AFTER_HEAD = {"train_head", "finetune", "evaluate", "export"}
 
 

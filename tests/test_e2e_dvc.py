@@ -13,7 +13,7 @@ from conftest import ROOT, copy_project, ran_stages, run_dvc, run_git
 
 pytestmark = pytest.mark.slow
 
-STAGES = {"demo", "prepare", "extract", "train_head", "finetune", "evaluate", "export"}
+STAGES = {"demo", "prepare", "extract", "audit", "train_head", "finetune", "evaluate", "export"}
 
 
 def test_repro_runs_every_stage_and_writes_metrics(tiny_dvc_run):
@@ -28,6 +28,11 @@ def test_repro_runs_every_stage_and_writes_metrics(tiny_dvc_run):
         assert len(details[model]["confusion_matrix"]) == 3
         assert set(details[model]["per_class"]) == {"circle", "square", "stripes"}
     assert (proj / "reports" / "mistakes.png").stat().st_size > 0
+    audit = json.loads((proj / "reports" / "audit.json").read_text())
+    assert audit["images"] == 36 and 0.0 <= audit["out_of_fold_accuracy"] <= 1.0
+    header = (proj / "reports" / "audit" / "label_issues.csv").read_text().splitlines()[0]
+    assert header == "path,split,given_label,suggested_label,score"
+    assert (proj / "reports" / "audit" / "gallery" / "near_duplicates.png").stat().st_size > 0
     for f in ("features/train.h5", "features/val.h5", "features/test.h5", "models/head.keras", "models/model.keras"):
         assert (proj / f).is_file(), f
     # The demo stage generated the default images even though this project's params point elsewhere.
@@ -61,7 +66,7 @@ def test_seed_change_does_not_rerun_extract(tiny_dvc_project, tmp_path):
     params["seed"] = 7
     (proj / "params.yaml").write_text(yaml.safe_dump(params))
     out = run_dvc(proj, "repro")
-    assert ran_stages(out) == {"train_head", "finetune", "evaluate", "export"}, out
+    assert ran_stages(out) == {"audit", "train_head", "finetune", "evaluate", "export"}, out
 
 
 def test_metrics_show_lists_stage_metrics(tiny_dvc_project):
