@@ -146,7 +146,7 @@ def test_every_export_format_gives_the_calibrated_probabilities(tmp_path):
     plain = uncal.predict_on_batch(pixels.astype(np.float32))
     want = apply_temperature(plain, t)
     assert np.max(np.abs(want - plain)) > 0.02
-    got = {fmt: export.reload_probabilities(fmt, tmp_path / f"m.{fmt}", pixels) for fmt in ("onnx", "tflite")}
+    got = {fmt: export.reload_probabilities(fmt, tmp_path / f"m.{fmt}", pixels)[0] for fmt in ("onnx", "tflite")}
     import tensorflow as tf
 
     served = tf.saved_model.load(str(tmp_path / "serving")).signatures["serving_default"](images=tf.constant(pixels))
