@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -9,12 +10,80 @@ from typing import Optional
 import numpy as np
 import pytest
 import yaml
+from PIL import Image, ImageDraw
 
-from pipeline.demo_data import render
 from pipeline.params import Params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
+
+# Tiny fixture images: one filled shape (or striped patch) per class with random colours, sizes,
+# positions, gradient backgrounds, strokes and noise; quick to tell apart at 48 px, which is
+# all the unit tests need (the demo set, pipeline/demo_data.py, is designed for another job).
+SHAPES = ("circle", "square", "triangle", "stripes")
+
+
+def _background(rng: np.random.Generator, size: int) -> Image.Image:
+    """A random two-colour linear gradient."""
+    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    angle = rng.uniform(0, 2 * math.pi)
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
+    t = (np.cos(angle) * xx + np.sin(angle) * yy)
+    t = (t - t.min()) / (np.ptp(t) + 1e-9)
+    img = c0[None, None, :] * (1 - t[..., None]) + c1[None, None, :] * t[..., None]
+    return Image.fromarray(img.astype(np.uint8), "RGB")
+
+
+def _contrasting_colour(rng: np.random.Generator, bg: Image.Image) -> tuple[int, int, int]:
+    # Low-contrast shapes happen on purpose: the classes should not be trivially separable.
+    mean = np.asarray(bg, dtype=np.float64).reshape(-1, 3).mean(0)
+    for _ in range(20):
+        c = rng.uniform(0, 255, 3)
+        if np.abs(c - mean).sum() > 60:
+            break
+    return tuple(int(v) for v in c)
+
+
+def _polygon(cx: float, cy: float, r: float, n: int, rot: float) -> list[tuple[float, float]]:
+    angles = [rot + 2 * math.pi * k / n for k in range(n)]
+    return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in angles]
+
+
+def render(label: str, rng: np.random.Generator, size: int) -> Image.Image:
+    """One ``size``×``size`` RGB image of the shape ``label`` (one of :data:`SHAPES`)."""
+    img = _background(rng, size)
+    draw = ImageDraw.Draw(img)
+    colour = _contrasting_colour(rng, img)
+    r = rng.uniform(0.1, 0.35) * size
+    cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+    rot = rng.uniform(0, 2 * math.pi)
+    if label == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
+    elif label == "square":
+        draw.polygon(_polygon(cx, cy, r * 1.15, 4, rot), fill=colour)
+    elif label == "triangle":
+        draw.polygon(_polygon(cx, cy, r * 1.2, 3, rot), fill=colour)
+    elif label == "stripes":
+        # Parallel stripes clipped to a square patch: a texture rather than a silhouette.
+        patch = Image.new("L", (size, size), 0)
+        pd = ImageDraw.Draw(patch)
+        period = rng.uniform(0.06, 0.12) * size
+        for k in range(-size, 2 * size, max(2, int(period))):
+            pd.line([(k, -size), (k + size, 2 * size)], fill=255, width=max(1, int(period / 2)))
+        patch = patch.rotate(math.degrees(rot), resample=Image.Resampling.NEAREST)
+        mask = Image.new("L", (size, size), 0)
+        ImageDraw.Draw(mask).rectangle((cx - r, cy - r, cx + r, cy + r), fill=255)
+        patch = Image.fromarray(np.minimum(np.asarray(patch), np.asarray(mask)))
+        img.paste(Image.new("RGB", (size, size), colour), (0, 0), patch)
+    else:
+        raise ValueError(f"unknown fixture shape {label!r}; shapes are {SHAPES}")
+    # Distractor strokes over everything, so the class is not the only structure in the image.
+    for _ in range(int(rng.integers(0, 4))):
+        pts = [tuple(rng.uniform(0, size, 2)) for _ in range(2)]
+        draw.line(pts, fill=tuple(int(v) for v in rng.uniform(0, 255, 3)), width=int(rng.integers(1, 4)))
+    noise = rng.normal(0, rng.uniform(4, 28), (size, size, 3))
+    arr = np.clip(np.asarray(img, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(arr, "RGB")
 
 
 def make_images(root: Path, classes=("circle", "square", "stripes"), per_class: int = 10, size: int = 48,

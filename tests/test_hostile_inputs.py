@@ -11,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import as_params, make_hostile_folder, make_images, tiny_params
+from conftest import as_params, make_hostile_folder, make_images, render, tiny_params
 from PIL import Image
 
 from pipeline import prepare
-from pipeline.demo_data import render
 from pipeline.features import FeatureSet
 from pipeline.images import ImageDecodeError, load_image
 from pipeline.params import ParamsError, parse_params
