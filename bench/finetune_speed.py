@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="finetune-speed-") as scratch:
         cache = ActivationCache(Path(scratch), key, kdesc, split.activation_shape)
         acts = Activations(cache, lambda: compile_engine(split.bottom, size, engine, BOTTOM_BATCH), params.augment,
-                           size, BOTTOM_BATCH)
+                           params.seed, size, BOTTOM_BATCH)
         val_img = image_dataset(val_paths, size, params.finetune.batch_size, labels=val_labels)
         val_act = clean_dataset(acts, val_paths, val_digests, val_labels, params.finetune.batch_size)
         # Warm-up: traces, the ONNX conversion and a first cached view, outside every clock.

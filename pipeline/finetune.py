@@ -333,7 +333,7 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path
             cache = ActivationCache(activation_cache if activation_cache is not None else Path(scratch), key, desc,
                                     split.activation_shape)
             acts = Activations(cache, lambda: compile_engine(split.bottom, size, engine, BOTTOM_BATCH), params.augment,
-                               size, BOTTOM_BATCH)
+                               params.seed, size, BOTTOM_BATCH)
             train_paths, val_paths = [str(raw_dir / it.path) for it in train], [str(raw_dir / it.path) for it in val]
             digests = file_digests(train_paths + val_paths)
             train_d, val_d = digests[:len(train)], digests[len(train):]

@@ -4,9 +4,9 @@ Nothing that shapes epoch ``e`` depends on what ran before it in the process, so
 reads exactly the batches an uninterrupted one read:
 
 - the order of the training images in epoch ``e`` is a permutation drawn from ``(seed, e)``;
-- epoch ``e`` trains on augmented view ``e % finetune.views`` of every image, the view ``extract``
-  caches under the same index (:func:`pipeline.augment.view_key`), computed the first time any
-  run needs it and read from the activation cache after that.
+- epoch ``e`` trains on augmented view ``e % finetune.views`` of every image, drawn from (image
+  content, seed, view) (:func:`pipeline.activations.view_key`), computed the first time any run
+  needs it and read from the activation cache after that.
 """
 from __future__ import annotations
 
@@ -57,7 +57,10 @@ def training_stream(acts: Activations, paths: Sequence[str], digests: Sequence[b
 
     shape = acts.cache.shape
     spec = (tf.TensorSpec((None, *shape), tf.float32), tf.TensorSpec((None,), tf.int64))
-    return tf.data.Dataset.from_generator(batches, output_signature=spec).prefetch(2), steps
+    ds = tf.data.Dataset.from_generator(batches, output_signature=spec)
+    # A known length: Keras then neither warns that the stream "ran out of data" at its end nor guesses.
+    ds = ds.apply(tf.data.experimental.assert_cardinality(steps * max(0, epochs - first_epoch)))
+    return ds.prefetch(2), steps
 
 
 def clean_dataset(acts: Activations, paths: Sequence[str], digests: Sequence[bytes], labels: Sequence[int],
@@ -73,4 +76,5 @@ def clean_dataset(acts: Activations, paths: Sequence[str], digests: Sequence[byt
             yield acts.cache.get_many(keys[b:b + batch_size]), labels_arr[b:b + batch_size]
 
     spec = (tf.TensorSpec((None, *acts.cache.shape), tf.float32), tf.TensorSpec((None,), tf.int64))
-    return tf.data.Dataset.from_generator(batches, output_signature=spec)
+    ds = tf.data.Dataset.from_generator(batches, output_signature=spec)
+    return ds.apply(tf.data.experimental.assert_cardinality(math.ceil(len(keys) / batch_size)))

@@ -9,13 +9,14 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import h5py
 import keras
 import numpy as np
 import pytest
 
 from pipeline import extract, finetune, prepare, train_head
-from pipeline.activations import ActivationCache, Activations, cache_key
+from pipeline.activations import ActivationCache, Activations, cache_key, view_key
+from pipeline.augment import augment_uint8
+from pipeline.augment import view_key as extract_view_key
 from pipeline.backbones import (
     BackboneError,
     Preprocess,
@@ -72,7 +73,7 @@ def test_stored_activations_are_the_full_models_boundary_and_extracts_views(tmp_
     with tempfile.TemporaryDirectory() as scratch:
         cache = ActivationCache(Path(scratch), key, kdesc, split.activation_shape)
         acts = Activations(cache, lambda: compile_engine(split.bottom, size, "onnxruntime", 8), params.augment,
-                           size, 8)
+                           params.seed, size, 8)
         assert acts.ensure(paths, digests, None) == len(set(digests))
         assert acts.ensure(paths, digests, 0) == len(set(digests))
         assert acts.ensure(paths, digests, 0) == 0  # cached: nothing computed twice
@@ -91,15 +92,17 @@ def test_stored_activations_are_the_full_models_boundary_and_extracts_views(tmp_
     # The top continues exactly where the stacked model is (the same layers, the same weights).
     np.testing.assert_allclose(split.top.predict_on_batch(ref), stacked.predict_on_batch(images), atol=1e-5)
 
-    # Epoch 0 trains on view 0 = the view extract cached for the head: the head's probabilities on extract's
-    # features of that view equal the top's on the stored activations.
-    assert epoch_view(0, params.finetune.views) == 0 and epoch_view(params.finetune.views, params.finetune.views) == 0
-    with h5py.File(feats["train"], "r") as h5:
-        rel = [p.decode() if isinstance(p, bytes) else p for p in h5["paths"][...]]
-        row = {p: i for i, p in enumerate(rel)}
-        view_feats = h5["views"][...][[row[it.path] for it in train], 0]
-    np.testing.assert_allclose(split.top.predict_on_batch(view0), head.predict_on_batch(view_feats), atol=5e-3)
+    # View 0 is the bottom's output on the image augmented by its own key (content, seed, view), rounded to
+    # uint8 like a decoded image: what the full model computes at the boundary for that view.
+    keys = [view_key(d, params.seed, 0) for d in digests]
+    ref_view = inner(Preprocess(backbone.get_layer("preprocess").mode)(
+        augment_uint8(load_batch(paths, size), params.augment, keys).astype(np.float32))).numpy()
+    err = np.abs(view0 - ref_view)
+    assert np.all(err <= REL_TOL * np.abs(ref_view) + ABS_TOL), f"max error {err.max():.2e}"
     assert np.abs(view0 - clean).max() > 1.0  # the view is augmented, not the clean image
+    # Fine-tuning's views are not extract's (the head was fitted on those): every key differs.
+    assert all(k != extract_view_key(d, 0) for k, d in zip(keys, digests))
+    assert epoch_view(0, params.finetune.views) == 0 == epoch_view(params.finetune.views, params.finetune.views)
 
 
 def test_a_run_from_a_warm_activation_cache_equals_a_cold_one(tmp_path):
