@@ -10,8 +10,8 @@ fine-tuning's augmented view ``k`` under ``seed`` (:func:`view_key`), rounded to
 decoded image is (as ``extract`` rounds its views). Fine-tuning's views are deliberately *not*
 extract's (:func:`pipeline.augment.view_key`): the head was fitted on those, so on them the
 stacked model's training loss starts near zero and fine-tuning learns little (measured on
-simpsons_dev: epoch-1 training loss 0.030 on extract's views against 0.129 on new ones, val
-loss 0.426 against 0.410 after 2 epochs; docs/finetune.md). A cache folder per *key* =
+simpsons_dev: epoch-1 training loss 0.030 on extract's views against 0.109 on its own, val
+loss 0.426 against 0.391 after 2 epochs; docs/finetune.md). A cache folder per *key* =
 everything that decides the values: backbone provenance (weights digest, size, preprocessing),
 the boundary layer, engine and version, library versions, storage dtype.
 

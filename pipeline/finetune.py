@@ -7,7 +7,16 @@ equal the head's probabilities on the cached features (else preprocessing or poo
 drifted between extract and here). The epoch kept is the one with the lowest val loss,
 epoch 0 (the head-only model) included, so fine-tuning never returns a worse model on val.
 With ``finetune.ema`` each epoch is measured, and kept, as the optimizer's moving average of
-the weights (:class:`pipeline.resume.Tracker`).
+the weights (:class:`pipeline.tracker.Tracker`).
+
+The frozen layers below ``finetune.unfreeze_from`` never change, so they are not run in the
+training step: the stacked model is cut there (:mod:`pipeline.split`), the bottom runs once per
+augmented view on an inference engine into a float16 activation cache (:mod:`pipeline.activations`),
+and only the top trains, on the stored activations (:mod:`pipeline.train_stream`), validated on
+the cached clean val activations. The top is the stacked model's own layers, so the saved model
+is the full backbone + head; after training, its probabilities on val images are checked
+against the trained top's on the stored activations (split parity). docs/finetune.md has the
+measurements.
 
 With ``--checkpoint``, the state after every epoch is saved there (atomically), and with
 ``finetune.resume`` a run whose checkpoint belongs to the same params, head and images
