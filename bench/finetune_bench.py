@@ -12,12 +12,18 @@ fine-tune epoch over the head's (epoch 0) in %, and the fine-tune seconds. Head 
 fine-tune use the same split. Features go through the content-addressed cache in
 ``--work``/features, so extraction is paid once per dataset. One JSON line per run is
 appended to ``--work``/results.jsonl.
+
+``--reuse DIR`` takes prepare's, extract's and train_head's outputs from an earlier bench run in
+``DIR`` (``DIR/runs/<dataset>/``, copied, never written) and runs only finetune and evaluate: a
+fine-tuning change is then compared on the very same split, features and head. The finetune
+activation cache is ``--work``/activations.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -44,7 +50,11 @@ def set_key(raw: dict, dotted: str, value) -> None:
     node[last] = value
 
 
-def bench_one(name: str, overrides: list[str], work: Path, tag: str) -> dict:
+# What --reuse copies from an earlier run: prepare's, extract's and train_head's outputs.
+REUSED = ("manifest.csv", "classes.json", "train.h5", "val.h5", "test.h5", "head.keras", "head.json")
+
+
+def bench_one(name: str, overrides: list[str], work: Path, tag: str, reuse: Path | None = None) -> dict:
     raw_dir = SHARED / name
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["data"]["raw_dir"] = str(raw_dir)
@@ -54,17 +64,23 @@ def bench_one(name: str, overrides: list[str], work: Path, tag: str) -> dict:
     params = parse_params(raw)
     out = work / "runs" / name
     out.mkdir(parents=True, exist_ok=True)
-    prepare.run(raw_dir=raw_dir, manifest=out / "manifest.csv", classes_out=out / "classes.json", params=params.data)
     feats = {s: out / f"{s}.h5" for s in SPLITS}
-    extract.run(raw_dir=raw_dir, manifest=out / "manifest.csv", classes_json=out / "classes.json", outs=feats,
-                params=params, cache_dir=work / "features")
-    train_head.run(train_h5=feats["train"], val_h5=feats["val"], classes_json=out / "classes.json",
-                   head_out=out / "head.keras", metrics_out=out / "head_metrics.json",
-                   history_out=out / "head_history.csv", params=params)
+    if reuse is not None:
+        for f in REUSED:
+            shutil.copyfile(reuse / "runs" / name / f, out / f)
+    else:
+        prepare.run(raw_dir=raw_dir, manifest=out / "manifest.csv", classes_out=out / "classes.json",
+                    params=params.data)
+        extract.run(raw_dir=raw_dir, manifest=out / "manifest.csv", classes_json=out / "classes.json", outs=feats,
+                    params=params, cache_dir=work / "features")
+        train_head.run(train_h5=feats["train"], val_h5=feats["val"], classes_json=out / "classes.json",
+                       head_out=out / "head.keras", metrics_out=out / "head_metrics.json",
+                       history_out=out / "head_history.csv", params=params)
     t0 = time.perf_counter()
     ft = finetune.run(raw_dir=raw_dir, manifest=out / "manifest.csv", classes_json=out / "classes.json",
                       val_features=feats["val"], head_path=out / "head.keras", model_out=out / "model.keras",
-                      history_out=out / "ft_history.csv", metrics_out=out / "ft_metrics.json", params=params)
+                      history_out=out / "ft_history.csv", metrics_out=out / "ft_metrics.json", params=params,
+                      activation_cache=work / "activations")
     seconds = time.perf_counter() - t0
     report = evaluate.run(raw_dir=raw_dir, classes_json=out / "classes.json", test_features=feats["test"],
                           head_path=out / "head.keras", model_path=out / "model.keras",
@@ -80,6 +96,7 @@ def bench_one(name: str, overrides: list[str], work: Path, tag: str) -> dict:
         "head_acc": report["head"]["accuracy"], "head_loss": report["head"]["log_loss"],
         "ft_acc": report["finetuned"]["accuracy"], "ft_loss": report["finetuned"]["log_loss"],
         "kept_epoch": ft["best_epoch"], "max_val_rise_pct": rise, "seconds": round(seconds, 1),
+        "bottom_seconds": ft.get("bottom_seconds"), "bottom_images_computed": ft.get("bottom_images_computed"),
         "val_losses": val_losses, "val_accs": [float(r["val_accuracy"]) for r in rows],
     }
     with open(work / "results.jsonl", "a") as f:
@@ -93,9 +110,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("-S", dest="overrides", action="append", default=[], help="params override key=value (YAML)")
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "finetune_bench")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="earlier bench --work folder: reuse its split, features and head, run finetune + evaluate")
     args = ap.parse_args(argv)
     setup_logging()
-    results = [bench_one(d, args.overrides, args.work, args.tag) for d in args.datasets]
+    results = [bench_one(d, args.overrides, args.work, args.tag, args.reuse) for d in args.datasets]
     print(f"\noverrides: {' '.join(args.overrides) or '(params.yaml defaults)'}")
     print("| data (test n) | head acc / log loss | fine-tuned acc / log loss | kept epoch | max val-loss rise | s |")
     print("|---|---|---|---|---|---|")

@@ -7,7 +7,16 @@ equal the head's probabilities on the cached features (else preprocessing or poo
 drifted between extract and here). The epoch kept is the one with the lowest val loss,
 epoch 0 (the head-only model) included, so fine-tuning never returns a worse model on val.
 With ``finetune.ema`` each epoch is measured, and kept, as the optimizer's moving average of
-the weights (:class:`pipeline.resume.Tracker`).
+the weights (:class:`pipeline.tracker.Tracker`).
+
+The frozen layers below ``finetune.unfreeze_from`` never change, so they are not run in the
+training step: the stacked model is cut there (:mod:`pipeline.split`), the bottom runs once per
+augmented view on an inference engine into a float16 activation cache (:mod:`pipeline.activations`),
+and only the top trains, on the stored activations (:mod:`pipeline.train_stream`), validated on
+the cached clean val activations. The top is the stacked model's own layers, so the saved model
+is the full backbone + head; after training, its probabilities on val images are checked
+against the trained top's on the stored activations (split parity). docs/finetune.md has the
+measurements.
 
 With ``--checkpoint``, the state after every epoch is saved there (atomically), and with
 ``finetune.resume`` a run whose checkpoint belongs to the same params, head and images
@@ -20,7 +29,10 @@ import argparse
 import contextlib
 import logging
 import math
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -28,7 +40,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pipeline.activations import ActivationCache, Activations, cache_key
 from pipeline.backbones import (
+    backbone_provenance,
     build_backbone,
     count_params,
     feature_provenance,
@@ -40,21 +54,18 @@ from pipeline.backbones import (
 )
 from pipeline.calibration import describe, fit_on_val
 from pipeline.datasets import image_dataset
+from pipeline.engines import Engine, compile_engine, engine_version, has_gpu, resolve_engine
 from pipeline.features import open_features
 from pipeline.images import load_batch
-from pipeline.io_utils import library_versions, read_json, setup_logging, user_errors, write_json
-from pipeline.manifest import Item, read_manifest
-from pipeline.models import (
-    build_stacked,
-    class_weights,
-    load_model,
-    save_model,
-    with_temperature,
-    without_temperature,
-    write_history,
-)
+from pipeline.io_utils import library_versions, read_json, setup_logging, sha256_digest, user_errors, write_json
+from pipeline.manifest import read_manifest
+from pipeline.models import build_stacked, load_model, save_model, with_temperature, without_temperature
 from pipeline.params import FinetuneParams, Params, as_dict, load_params
-from pipeline.resume import Tracker, TrainState, fingerprint, finish, restore_checkpoint, training_stream
+from pipeline.resume import TrainState, fingerprint, restore_checkpoint
+from pipeline.split import split_at
+from pipeline.tracker import Tracker, finish
+from pipeline.train_stream import clean_dataset, training_stream
+from pipeline.training import class_weights, write_history
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +74,11 @@ PARAMS = ("seed", "backbone", "augment", "finetune")
 
 PARITY_SAMPLES = 32
 PARITY_TOLERANCE = 1e-4
+# The trained top on float16-stored activations vs the saved stacked model on the images: float16 rounds
+# each activation by up to 2^-11 relative (measured max |Δp| in docs/finetune.md).
+SPLIT_TOLERANCE = 5e-3
+# Images per pass of the frozen bottom (ONNX Runtime: any batch gives the same bits; TensorFlow: this one shape).
+BOTTOM_BATCH = 32
 
 
 class ParityError(RuntimeError):
@@ -125,15 +141,6 @@ def log_history(live, rows: list) -> None:
         live.next_step()
 
 
-def _parity_on_val(stacked: keras.Model, head: keras.Model, raw_dir: Path, paths: list[str], features: np.ndarray,
-                   size: int) -> float:
-    """:func:`check_parity` on val images (``paths`` relative to ``raw_dir``) and their cached ``features`` (N, D)."""
-    images = load_batch([str(raw_dir / q) for q in paths], size).astype(np.float32)
-    diff = check_parity(stacked, head, images, features)
-    log.info("stacking parity on %d val images: max |Δp| = %.2e", len(paths), diff)
-    return diff
-
-
 def default_strategy() -> Optional[tf.distribute.Strategy]:
     """``MirroredStrategy`` over every local GPU when TensorFlow sees more than one; None (one device) otherwise."""
     gpus = tf.config.list_logical_devices("GPU")
@@ -187,49 +194,93 @@ def _compile(model: keras.Model, p: FinetuneParams, steps_per_epoch: int, replic
                   loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
 
 
-def _train(stacked: keras.Model, state: TrainState, params: Params, raw_dir: Path, train: list[Item],
-           labels: list[int], n_classes: int, val_ds, fp: str, checkpoint: Path | None,
-           live, replicas: int) -> tuple[TrainState, bool]:
-    """Resume from ``checkpoint`` when it belongs to this run, then fit the remaining epochs.
+@dataclass
+class TrainData:
+    """What the top trains and validates on: the train images (paths, content digests, label indices),
+    their activations (computed on demand) and the clean val activations as a dataset."""
+    acts: Activations
+    paths: list[str]
+    digests: list[bytes]
+    labels: list[int]
+    n_classes: int
+    val: tf.data.Dataset
+
+
+@dataclass
+class Resume:
+    """The checkpoint file (None: none kept) and this run's fingerprint (:func:`pipeline.resume.fingerprint`)."""
+    checkpoint: Optional[Path]
+    fp: str
+
+
+def _train(top: keras.Model, state: TrainState, params: Params, data: TrainData, resume: Resume, live,
+           replicas: int) -> tuple[TrainState, bool]:
+    """Resume from the checkpoint when it belongs to this run, then fit the remaining epochs of ``top``.
 
     Returns the final state (history, best epoch and its weights) and whether ``fit`` ran.
     """
     p = params.finetune
-    size = int(stacked.input_shape[1])
-    if checkpoint is not None and p.resume:
-        restored = restore_checkpoint(checkpoint, fp, stacked, state.best_weights, p.epochs)
+    if resume.checkpoint is not None and p.resume:
+        restored = restore_checkpoint(resume.checkpoint, resume.fp, top, state.best_weights, p.epochs)
         if restored is not None:
             state = restored
-            log.info("resuming from %s after epoch %d (finetune.resume)", checkpoint, state.epoch)
+            log.info("resuming from %s after epoch %d (finetune.resume)", resume.checkpoint, state.epoch)
             log_history(live, state.rows[1:])
     if state.epoch >= p.epochs or state.stopped:
         return state, False
     # finetune.batch_size images per replica: one global batch of that many times the replicas.
-    train_ds, steps = training_stream([str(raw_dir / it.path) for it in train], labels, size,
-                                      p.batch_size * replicas, params.augment, params.seed, state.epoch, p.epochs,
-                                      replicas)
+    train_ds, steps = training_stream(data.acts, data.paths, data.digests, data.labels, p.batch_size * replicas,
+                                      params.seed, state.epoch, p.epochs, p.views, replicas)
     # With finetune.ema the Tracker measures val on the averaged weights itself; Keras' own validation
     # would only measure the raw ones.
-    stacked.fit(train_ds, steps_per_epoch=steps, validation_data=None if p.ema else val_ds,
-                initial_epoch=state.epoch, epochs=p.epochs, verbose=2,
-                shuffle=False,  # each epoch's stream is already shuffled
-                class_weight=class_weights(np.asarray(labels), n_classes, p.class_weight),
-                callbacks=[Tracker(state, p.patience, checkpoint, fp, ema_val=val_ds if p.ema else None),
-                           *live_callbacks(live)])
+    top.fit(train_ds, steps_per_epoch=steps, validation_data=None if p.ema else data.val,
+            initial_epoch=state.epoch, epochs=p.epochs, verbose=2,
+            shuffle=False,  # each epoch's stream is already shuffled
+            class_weight=class_weights(np.asarray(data.labels), data.n_classes, p.class_weight),
+            callbacks=[Tracker(state, p.patience, resume.checkpoint, resume.fp, ema_val=data.val if p.ema else None),
+                       *live_callbacks(live)])
     return state, True
 
 
-def calibrate(model: keras.Model, val_ds, labels: np.ndarray) -> dict:
-    """Fit the kept model's temperature on the val images (``val_ds``, labels ``(N,)`` int): its ``temperature``
-    and the val log loss and ECE before and after."""
-    summary = fit_on_val(model.predict(val_ds, verbose=0), labels)
+def calibrate(val_probs: np.ndarray, labels: np.ndarray) -> dict:
+    """Fit the kept model's temperature on its val probabilities ``(N, K)`` (labels ``(N,)`` int): its
+    ``temperature`` and the val log loss and ECE before and after."""
+    summary = fit_on_val(val_probs, labels)
     log.info("fine-tuned model: %s", describe(summary))
     return summary
 
 
+def bottom_engine() -> tuple[Engine, dict]:
+    """The engine that runs the frozen bottom (ONNX Runtime on CPU, TensorFlow on a GPU) and its description
+    (part of the activation cache key and of the checkpoint fingerprint)."""
+    engine = resolve_engine("auto", has_gpu())
+    # TensorFlow's outputs are bit-identical at one batch shape only (pipeline.inference.compile_uint8).
+    return engine, {"engine": engine, "engine_version": engine_version(engine),
+                    "batch_shape": BOTTOM_BATCH + 1 if engine == "tensorflow" else "any"}
+
+
+def check_split_parity(top: keras.Model, stacked: keras.Model, acts: np.ndarray, images: np.ndarray) -> float:
+    """Max |top(acts) − stacked(images)|: the saved model computes what the top was trained and validated as
+    (up to the float16 storage of the activations); raises :class:`ParityError` above tolerance."""
+    if len(images) == 0:
+        return 0.0
+    diff = float(np.max(np.abs(top.predict_on_batch(acts) - stacked.predict_on_batch(images))))
+    if not diff <= SPLIT_TOLERANCE:
+        raise ParityError(f"split parity failed: the stacked model's probabilities differ from the trained top's on "
+                          f"stored activations by {diff:.2e} (> {SPLIT_TOLERANCE}); delete the activation cache "
+                          "folder (--activation-cache) and re-run")
+    return diff
+
+
+def file_digests(paths: list[str]) -> list[bytes]:
+    """Content sha256 of every file (hashlib releases the GIL on large buffers, so threads overlap I/O)."""
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(sha256_digest, paths, chunksize=64))
+
+
 def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path, head_path: Path,
         model_out: Path, history_out: Path, metrics_out: Path, params: Params,
-        live_dir: Path | None = None, checkpoint: Path | None = None,
+        live_dir: Path | None = None, checkpoint: Path | None = None, activation_cache: Path | None = None,
         strategy: Optional[tf.distribute.Strategy] = None) -> dict:
     """Fine-tune and save ``model_out``; returns the metrics written to ``metrics_out``.
 
@@ -240,6 +291,8 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path
     With ``live_dir``, every epoch is also logged with dvclive (see :func:`start_live`).
     With ``checkpoint``, the training state is saved there after every epoch, and resumed
     from when ``finetune.resume`` is on and the checkpoint belongs to this run.
+    ``activation_cache``: the folder of the frozen bottom's cached activations (:mod:`pipeline.activations`),
+    kept between runs; None: a throw-away folder for this call only.
     """
     t0 = time.perf_counter()
     p = params.finetune
@@ -251,6 +304,9 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path
     if replicas > 1:
         log.info("%d replicas (%s): global batch %d, learning rate x %.3g", replicas, type(strategy).__name__,
                  p.batch_size * replicas, replica_lr_scale(p.optimizer, replicas))
+    size = image_size(params.backbone)
+    train = read_manifest(manifest, splits=("train",))
+    val = read_manifest(manifest, splits=("val",))
     # Every variable (head, backbone, optimizer) is created under the strategy's scope.
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         # Fine-tuning starts from the head as it was fitted, not from its calibrated copy: a temperature inside
@@ -267,45 +323,74 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path
         if p.epochs > 0:  # a bad layer name fails here, before any expensive work
             unfreeze_start(base, p.unfreeze_from, params.backbone.name)
         stacked = build_stacked(backbone, head)
-        size = image_size(params.backbone)
-        parity = _parity_on_val(stacked, head, raw_dir, parity_paths, parity_features, size)
-
-        train = read_manifest(manifest, splits=("train",))
-        val = read_manifest(manifest, splits=("val",))
-        val_ds = image_dataset([str(raw_dir / it.path) for it in val], size, p.batch_size,
-                               labels=[index[it.label] for it in val])
+        parity_images = load_batch([str(raw_dir / q) for q in parity_paths], size).astype(np.float32)
+        parity = check_parity(stacked, head, parity_images, parity_features)
+        log.info("stacking parity on %d val images: max |Δp| = %.2e", len(parity_paths), parity)
         if p.epochs > 0:
             n_trainable = unfreeze_from(base, p.unfreeze_from, params.backbone.name)
-            if p.fold_bn:
+            if p.fold_bn:  # before the split: it reads each BN's single inbound node
                 log.info("BatchNorm scale folded into %d unfrozen conv layers (finetune.fold_bn)", fold_bn_scale(base))
             log.info("unfrozen from %s: %d trainable tensors, %d trainable params", p.unfreeze_from, n_trainable,
                      count_params(stacked.trainable_weights))
-        # Compiled once, after the trainable set is final, so the optimizer sees exactly what trains;
-        # evaluating the head-only model (epoch 0) does not depend on which weights are trainable.
-        # training_stream's steps: whole multiples of the replicas, in global batches.
-        _compile(stacked, p, math.ceil((len(train) - len(train) % replicas) / (p.batch_size * replicas)), replicas)
-    init_loss, init_acc = stacked.evaluate(val_ds, verbose=0)
-    # Epoch 0 = the head-only model; it has no training loss, so those cells stay empty.
-    state = TrainState(epoch=0, rows=[[0, "", "", float(init_loss), float(init_acc)]], best_loss=float(init_loss),
-                       best_weights=stacked.get_weights())
-    live = start_live(live_dir, init_loss, init_acc) if live_dir is not None else None
-    fitted = False
-    if p.epochs > 0:
-        fp = fingerprint(params, expected, head_path, raw_dir, [(it.path, it.label, it.split) for it in train + val],
-                         replicas) if checkpoint is not None else ""
-        state, fitted = _train(stacked, state, params, raw_dir, train, [index[it.label] for it in train], len(classes),
-                               val_ds, fp, checkpoint, live, replicas)
-        finish(stacked, state)
+            split = split_at(backbone, head, p.unfreeze_from)
+            # Compiled once, after the trainable set is final, so the optimizer sees exactly what trains.
+            # training_stream's steps: whole multiples of the replicas, in global batches.
+            _compile(split.top, p, math.ceil((len(train) - len(train) % replicas) / (p.batch_size * replicas)),
+                     replicas)
+    if p.epochs == 0:  # the head-only model, saved as stacked: nothing trains, no activations
+        val_ds = image_dataset([str(raw_dir / it.path) for it in val], size, p.batch_size,
+                               labels=[index[it.label] for it in val])
+        stacked.compile(loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+        init_loss, init_acc = stacked.evaluate(val_ds, verbose=0)
+        val_probs = stacked.predict(val_ds, verbose=0)
+        state = TrainState(epoch=0, rows=[[0, "", "", float(init_loss), float(init_acc)]],
+                           best_loss=float(init_loss))
+        fitted, live, split_parity, acts = False, None, 0.0, None
+        if live_dir is not None:
+            live = start_live(live_dir, init_loss, init_acc)
+    else:
+        with tempfile.TemporaryDirectory(prefix="activations-") as scratch:
+            engine, engine_desc = bottom_engine()
+            key, desc = cache_key(backbone_provenance(params.backbone), p.unfreeze_from, engine_desc,
+                                  library_versions())
+            cache = ActivationCache(activation_cache if activation_cache is not None else Path(scratch), key, desc,
+                                    split.activation_shape)
+            acts = Activations(cache, lambda: compile_engine(split.bottom, size, engine, BOTTOM_BATCH), params.augment,
+                               params.seed, size, BOTTOM_BATCH)
+            train_paths, val_paths = [str(raw_dir / it.path) for it in train], [str(raw_dir / it.path) for it in val]
+            digests = file_digests(train_paths + val_paths)
+            train_d, val_d = digests[:len(train)], digests[len(train):]
+            val_labels = [index[it.label] for it in val]
+            data = TrainData(acts, train_paths, train_d, [index[it.label] for it in train], len(classes),
+                             clean_dataset(acts, val_paths, val_d, val_labels, p.batch_size))
+            init_loss, init_acc = split.top.evaluate(data.val, verbose=0)
+            # Epoch 0 = the head-only model; it has no training loss, so those cells stay empty.
+            state = TrainState(epoch=0, rows=[[0, "", "", float(init_loss), float(init_acc)]],
+                               best_loss=float(init_loss), best_weights=split.top.get_weights())
+            live = start_live(live_dir, init_loss, init_acc) if live_dir is not None else None
+            items = [(it.path, it.label, it.split, d) for it, d in zip(train + val, digests)]
+            fp = fingerprint(params, expected, head_path, items, engine_desc, replicas) if checkpoint else ""
+            state, fitted = _train(split.top, state, params, data, Resume(checkpoint, fp), live, replicas)
+            finish(split.top, state)
+            # The kept weights' val probabilities, for the temperature: the top on the stored clean val activations
+            # (the stacked model's to the split parity below).
+            val_probs = split.top.predict(data.val, verbose=0)
+            by_path = dict(zip(val_paths, val_d))
+            parity_acts = cache.get_many(acts.keys([by_path[str(raw_dir / q)] for q in parity_paths], None))
+            split_parity = check_split_parity(split.top, stacked, parity_acts, parity_images)
+            log.info("split parity on %d val images: max |Δp| = %.2e", len(parity_paths), split_parity)
     if live is not None and not fitted:
         live.end()  # no fit, so no DVCLiveCallback to end the run
     # The saved model is for inference: everything frozen again, as a loaded model would be used.
     base.trainable = False
     best_acc = next(r[4] for r in state.rows if r[0] == state.best_epoch)
-    calibration = calibrate(stacked, val_ds, np.asarray([index[it.label] for it in val]))
+    calibration = calibrate(val_probs, np.asarray([index[it.label] for it in val]))
     metrics = {"best_epoch": state.best_epoch, "val_loss": float(state.best_loss), "val_accuracy": float(best_acc),
                "head_only_val_loss": float(init_loss), "head_only_val_accuracy": float(init_acc),
-               "parity_max_abs_diff": parity, "calibration": calibration,
-               "seconds": round(time.perf_counter() - t0, 1)}
+               "parity_max_abs_diff": parity, "split_parity_max_abs_diff": split_parity,
+               "bottom_images_computed": acts.computed if acts is not None else 0,
+               "bottom_seconds": round(acts.seconds, 1) if acts is not None else 0.0,
+               "calibration": calibration, "seconds": round(time.perf_counter() - t0, 1)}
     save_model(with_temperature(stacked, calibration["temperature"]), model_out, {
         "kind": "finetuned", "class_names": classes, "provenance": expected, "head_type": head_meta["head_type"],
         "finetune_params": as_dict(p), "seed": params.seed, "best_epoch": state.best_epoch,
@@ -325,6 +410,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--live-dir", type=Path, default=None, help="dvclive folder for per-epoch metrics")
     ap.add_argument("--checkpoint", type=Path, default=None,
                     help="per-epoch training state, resumed from with finetune.resume (HDF5)")
+    ap.add_argument("--activation-cache", type=Path, default=None,
+                    help="cache of the frozen bottom's activations kept between runs (not a DVC out)")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
     setup_logging()
@@ -332,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
         params = load_params(args.params, "finetune", PARAMS)
         run(raw_dir=args.raw_dir, manifest=args.manifest, classes_json=args.classes, val_features=args.val_features,
             head_path=args.head, model_out=args.model, history_out=args.history, metrics_out=args.metrics,
-            params=params, live_dir=args.live_dir, checkpoint=args.checkpoint)
+            params=params, live_dir=args.live_dir, checkpoint=args.checkpoint, activation_cache=args.activation_cache)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The one head builder, the logreg → Keras conversion, the stacked model, and the temperature layer.
+"""The one head builder, the logreg → Keras conversion, the stacked model, the temperature layer,
+and model files with their provenance sidecar (what the training stages share besides: :mod:`pipeline.training`).
 
 A head maps pooled features ``(B, D)`` float32 → class probabilities ``(B, K)`` float32
 (softmax, also for K = 2, where a 2-way softmax equals a sigmoid on the logit difference).
@@ -9,7 +10,7 @@ give calibrated probabilities (:mod:`pipeline.calibration`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import keras
 import numpy as np
@@ -17,31 +18,7 @@ import numpy as np
 import pipeline.backbones  # noqa: F401  (registers the Preprocess layer for deserialization)
 from pipeline.calibration import PROB_FLOOR
 from pipeline.features import ProvenanceError, check_provenance
-from pipeline.io_utils import atomic_path, read_json, sha256_file, write_csv, write_json
-
-# Columns of the head's and fine-tuning's per-epoch history CSVs (reports/*_history.csv).
-HISTORY_HEADER = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
-
-
-def write_history(path: "str | Path", rows: Sequence[Sequence]) -> None:
-    """Per-epoch rows (epoch, loss, accuracy, val_loss, val_accuracy) → CSV, atomically."""
-    write_csv(path, HISTORY_HEADER, rows)
-
-
-def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> dict[int, float] | None:
-    """``head.class_weight`` / ``finetune.class_weight`` → Keras' ``class_weight`` dict.
-
-    ``balanced``: n / (k * count) per class, scikit-learn's formula, so each class carries the
-    same total weight in the loss; ``none``: None (every image weighs 1). ``labels`` (N,) int.
-    """
-    if mode == "none":
-        return None
-    counts = np.bincount(np.asarray(labels, np.int64), minlength=n_classes)
-    if (counts == 0).any():
-        missing = [int(i) for i in np.flatnonzero(counts == 0)]
-        raise ValueError(f"class_weight balanced: class indices {missing} have no training image")
-    weights = len(labels) / (n_classes * counts.astype(np.float64))
-    return {i: float(w) for i, w in enumerate(weights)}
+from pipeline.io_utils import atomic_path, read_json, sha256_file, write_json
 
 
 def build_head(input_dim: int, n_classes: int, hidden_units: int = 0, dropout: float = 0.0,

@@ -133,6 +133,9 @@ class FinetuneParams:
     # is measured on (and the kept epoch is) the average. 0 = off, the weights as trained.
     ema: float = field(default=0.98, metadata=_range(0.0, 1.0, hi_open=True))
     batch_size: int = field(default=16, metadata=_range(1, 4096))
+    # Distinct augmented views of each training image, cycled over the epochs (epoch e trains on view
+    # e % views); each costs one pass of the frozen bottom, once (cached).
+    views: int = field(default=4, metadata=_range(1, 10000))
     patience: int = field(default=3, metadata=_range(1, None))
     class_weight: Literal["none", "balanced"] = "none"
     # Continue from the per-epoch checkpoint when it belongs to this very run (see finetune).

@@ -1,47 +1,37 @@
-"""What makes fine-tuning resumable: an epoch-indexed training stream, a per-epoch checkpoint
-and the best-epoch / early-stopping tracker whose state the checkpoint carries.
+"""Fine-tuning's per-epoch checkpoint: the training state (:class:`TrainState`, kept by
+:class:`pipeline.tracker.Tracker`) and the model and optimizer variables, and when it may be resumed from.
 
-A resumed run must compute exactly what an uninterrupted run computes, so nothing that
-shapes epoch ``e`` may depend on what happened in the process before it:
-
-- the order of the training images in epoch ``e`` is a permutation drawn from
-  ``(seed, e)``, and image ``i``'s augmentation is drawn from ``(seed, e, i)`` alone
-  (:mod:`pipeline.augment`; no shuffle buffer or seed generator whose state runs on from
-  epoch to epoch);
-- the checkpoint holds every model variable (weights and the head's dropout seed state),
-  every optimizer variable (momentum, iteration count), the history so far, the best epoch
-  with its weights and the early-stopping counter.
+A resumed run must compute exactly what an uninterrupted run computes. The input of epoch ``e``
+depends on ``e`` alone (:mod:`pipeline.train_stream`), and the checkpoint holds every variable of
+the model that trains (the top of :mod:`pipeline.split`: weights and the head's dropout seed
+state), every optimizer variable (momentum, iteration count, the weight average), the history so
+far, the best epoch with its weights and the early-stopping counter.
 
 A checkpoint is used only when its fingerprint matches the current run: the params that
 shape training (all of ``finetune`` except ``resume``, and except ``epochs`` under a constant
 learning rate; ``augment``, the seed, the backbone
-provenance), the head file, every train/val image's bytes and label, and the library
-versions. Anything else starts from epoch 0, with a log line saying why.
+provenance), the head file, every train/val image's bytes and label, the engine that computes the
+activations and the library versions. Anything else starts from epoch 0, with a log line saying why.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import h5py
 import keras
-import numpy as np
-import tensorflow as tf
 
-from pipeline.augment import augment as augment_images
-from pipeline.datasets import image_dataset
 from pipeline.io_utils import atomic_path, library_versions, sha256_file
-from pipeline.params import AugmentParams, Params, as_dict
+from pipeline.params import Params, as_dict
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+# 2: the checkpoint holds the top of the split model (pipeline.split), trained on stored activations.
+FORMAT = 2
 
 
 @dataclass
@@ -57,52 +47,22 @@ class TrainState:
     best_weights: Optional[list] = field(default=None, repr=False)  # model.get_weights() of best_epoch
 
 
-def fingerprint(params: Params, provenance: dict, head_path: Path, raw_dir: Path,
-                items: Sequence[tuple[str, str, str]], replicas: int = 1) -> str:
-    """sha256 of everything that shapes the training trajectory; ``items`` (path, label, split), ``replicas``
-    (the global batch and learning rate scale with them)."""
+def fingerprint(params: Params, provenance: dict, head_path: Path, items: Sequence[tuple[str, str, str, bytes]],
+                engine: dict, replicas: int = 1) -> str:
+    """sha256 of everything that shapes the training trajectory; ``items`` (path, label, split, content sha256)
+    of every train and val image, ``engine`` what computes the activations (:func:`pipeline.activations.cache_key`),
+    ``replicas`` (the global batch and learning rate scale with them)."""
     # More epochs continue the same run, unless the learning-rate curve depends on their number.
     ignored = ("epochs", "resume") if params.finetune.schedule == "constant" else ("resume",)
     p = {k: v for k, v in as_dict(params.finetune).items() if k not in ignored}
     images = hashlib.sha256()
-    for path, label, split in sorted(items):
-        images.update(json.dumps([path, label, split, sha256_file(raw_dir / path)]).encode())
+    for path, label, split, digest in sorted(items):
+        images.update(json.dumps([path, label, split, digest.hex()]).encode())
     doc = {"format": FORMAT, "finetune": p, "augment": as_dict(params.augment), "seed": params.seed,
            **({"replicas": replicas} if replicas > 1 else {}),
-           "provenance": provenance,
+           "provenance": provenance, "engine": engine,
            "head_sha256": sha256_file(head_path), "images": images.hexdigest(), "versions": library_versions()}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def training_stream(paths: Sequence[str], labels: Sequence[int], size: int, batch_size: int,
-                    augment: AugmentParams, seed: int, first_epoch: int, epochs: int,
-                    replicas: int = 1) -> tuple[tf.data.Dataset, int]:
-    """Training batches of epochs ``first_epoch`` .. ``epochs - 1``, back to back → (dataset, steps per epoch).
-
-    Batches are ``(B, size, size, 3)`` float32 [0, 255] images, augmented by
-    :func:`pipeline.augment.augment` with image ``i``'s view of epoch ``e`` keyed by
-    (seed, e, i), and ``(B,)`` int64 labels. Pass the steps to ``fit(steps_per_epoch=...)``:
-    Keras then reads one iterator across epochs, so epoch ``e`` gets exactly its own batches.
-
-    ``replicas`` > 1 (``batch_size`` is then the global batch): each epoch uses the first
-    ``n - n % replicas`` images of its shuffled order, so every batch, the last included, splits
-    evenly over the replicas. Keras averages each replica's mean loss, so an uneven split
-    (5 images as 3 + 2) would weigh the images of the smaller part more than one device does.
-    """
-    n = len(paths) - len(paths) % max(1, replicas)
-    steps = math.ceil(n / batch_size)
-    salt = seed % 2**32
-
-    def batches() -> Iterator[tuple[tf.Tensor, tf.Tensor]]:
-        for e in range(first_epoch, epochs):
-            order = np.random.default_rng([salt, e]).permutation(len(paths))[:n]
-            ds = image_dataset([paths[i] for i in order], size, batch_size, labels=[labels[i] for i in order])
-            for b, (x, y) in enumerate(ds):
-                keys = [[salt, e, int(i)] for i in order[b * batch_size:b * batch_size + len(y)]]
-                yield augment_images(x, augment, keys), y
-
-    spec = (tf.TensorSpec((None, size, size, 3), tf.float32), tf.TensorSpec((None,), tf.int64))
-    return tf.data.Dataset.from_generator(batches, output_signature=spec).prefetch(2), steps
 
 
 def save_checkpoint(path: Path, fp: str, state: TrainState, model: keras.Model) -> None:
@@ -177,65 +137,3 @@ def restore_checkpoint(path: Path, fp: str, model: keras.Model, initial_weights:
         log.warning("cannot resume from %s (%s): starting at epoch 0", path, exc)
         return None
     return state
-
-
-class Tracker(keras.callbacks.Callback):
-    """Keeps the epoch with the lowest val loss (epoch 0, the head-only model, included), stops
-    after ``patience`` epochs without improvement, and checkpoints after every epoch.
-
-    With ``ema_val`` (the val dataset; the optimizer has ``use_ema``) each epoch is measured on the
-    optimizer's moving average of the weights instead of the weights as trained, the average is what
-    a best epoch keeps, and ``logs`` get its val metrics for the callbacks after this one.
-    """
-
-    def __init__(self, state: TrainState, patience: int, checkpoint: Optional[Path], fp: str, ema_val=None):
-        super().__init__()
-        self.state = state
-        self.patience = patience
-        self.checkpoint = checkpoint
-        self.fp = fp
-        self.ema_val = ema_val
-
-    @contextlib.contextmanager
-    def _averaged_weights(self) -> Iterator[None]:
-        """The optimizer's moving average in place of the trained weights, for the ``with`` block."""
-        trained = self.model.trainable_variables
-        raw = [v.numpy() for v in trained]
-        # The optimizer's averages, in the order of the variables it was built with (= trainable_variables),
-        # as Keras' own SwapEMAWeights reads them; swapped back from a copy, so training resumes bit-exact.
-        for v, a in zip(trained, self.model.optimizer._model_variables_moving_average):
-            v.assign(a)
-        try:
-            yield
-        finally:
-            for v, a in zip(trained, raw):
-                v.assign(a)
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs if logs is not None else {}
-        s = self.state
-        with self._averaged_weights() if self.ema_val is not None else contextlib.nullcontext():
-            if self.ema_val is not None:
-                loss, acc = self.model.evaluate(self.ema_val, verbose=0)
-                logs["val_loss"], logs["val_accuracy"] = float(loss), float(acc)
-            val_loss = float(logs["val_loss"])
-            improved = val_loss < s.best_loss
-            if improved:  # the weights in the model now: the average with finetune.ema
-                s.best_loss, s.best_epoch, s.wait, s.best_weights = val_loss, epoch + 1, 0, self.model.get_weights()
-        s.rows.append([epoch + 1, float(logs["loss"]), float(logs["accuracy"]), val_loss,
-                       float(logs["val_accuracy"])])
-        s.epoch = epoch + 1
-        if not improved:
-            s.wait += 1
-            if s.wait >= self.patience:
-                s.stopped = True
-                self.model.stop_training = True
-                log.info("no val-loss improvement for %d epochs: stopping", s.wait)
-        if self.checkpoint is not None:
-            save_checkpoint(self.checkpoint, self.fp, s, self.model)
-
-
-def finish(model: keras.Model, state: TrainState) -> None:
-    """Put the best epoch's weights into ``model``."""
-    model.set_weights(state.best_weights)
-    log.info("keeping epoch %d (val loss %.4f)", state.best_epoch, state.best_loss)

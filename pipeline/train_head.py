@@ -26,16 +26,9 @@ from pipeline.backbones import feature_provenance
 from pipeline.calibration import describe, fit_on_val
 from pipeline.features import FeatureFile, FeatureSet, open_features
 from pipeline.io_utils import library_versions, read_json, setup_logging, user_errors, write_json
-from pipeline.models import (
-    build_head,
-    class_weights,
-    logreg_to_dense_weights,
-    predict_features,
-    save_model,
-    with_temperature,
-    write_history,
-)
+from pipeline.models import build_head, logreg_to_dense_weights, predict_features, save_model, with_temperature
 from pipeline.params import Params, as_dict, load_params
+from pipeline.training import class_weights, write_history
 
 log = logging.getLogger(__name__)
 

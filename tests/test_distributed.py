@@ -77,7 +77,7 @@ def test_two_replicas_match_one_device_and_resume_works(tmp_path):
                    head_out=out / "head.keras", metrics_out=out / "m.json", history_out=out / "h.csv", params=params)
     (out / "params.yaml").write_text(yaml.safe_dump(p))
     # An even training split: the 2-replica run then uses every image, as the 1-device run does
-    # (with an odd one it would leave one out per epoch, see pipeline.resume.training_stream).
+    # (with an odd one it would leave one out per epoch, see pipeline.train_stream.training_stream).
     n_train = len(read_manifest(out / "manifest.csv", splits=("train",)))
     assert n_train % 2 == 0 and n_train % 8 != 0, n_train  # and the last global batch is a short one
     proc = subprocess.run([sys.executable, "-c", CHILD, str(out)], cwd=ROOT, capture_output=True, text=True,

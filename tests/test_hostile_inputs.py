@@ -300,7 +300,7 @@ def test_new_params_defaults():
 def test_balanced_class_weights_follow_sklearns_formula():
     from sklearn.utils.class_weight import compute_class_weight
 
-    from pipeline.models import class_weights
+    from pipeline.training import class_weights
 
     y = np.array([0] * 30 + [1] * 10 + [2] * 5)
     got = class_weights(y, 3, "balanced")
