@@ -83,7 +83,7 @@ class ExtractParams:
 
 @dataclass(frozen=True)
 class LogregParams:
-    C: float = field(default=1.0, metadata=_range(0.0, None, lo_open=True))
+    C: float = field(default=0.1, metadata=_range(0.0, None, lo_open=True))
     max_iter: int = field(default=1000, metadata=_range(1, None))
 
 
