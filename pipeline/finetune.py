@@ -35,6 +35,7 @@ from pipeline.backbones import (
     fold_bn_scale,
     get_base,
     image_size,
+    resolve_unfreeze_from,
     unfreeze_from,
     unfreeze_start,
 )
@@ -226,6 +227,8 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path
     """
     t0 = time.perf_counter()
     p = params.finetune
+    # finetune.unfreeze_from: auto → the backbone's own boundary; recorded in the metrics and the model.
+    boundary = resolve_unfreeze_from(p.unfreeze_from, params.backbone.name)
     classes = read_json(classes_json)["classes"]
     index = {c: i for i, c in enumerate(classes)}
     expected = feature_provenance(params.backbone, classes)
@@ -244,7 +247,7 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path
         keras.utils.set_random_seed(params.seed)
         base = get_base(backbone)
         if p.epochs > 0:  # a bad layer name fails here, before any expensive work
-            unfreeze_start(base, p.unfreeze_from, params.backbone.name)
+            unfreeze_start(base, boundary, params.backbone.name)
         stacked = build_stacked(backbone, head)
         size = image_size(params.backbone)
         parity = _parity_on_val(stacked, head, raw_dir, parity_paths, parity_features, size)
@@ -253,12 +256,16 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path
         val = read_manifest(manifest, splits=("val",))
         val_ds = image_dataset([str(raw_dir / it.path) for it in val], size, p.batch_size,
                                labels=[index[it.label] for it in val])
+        unfrozen = 0
         if p.epochs > 0:
-            n_trainable = unfreeze_from(base, p.unfreeze_from, params.backbone.name)
+            n_trainable = unfreeze_from(base, boundary, params.backbone.name)
+            unfrozen = count_params(base.trainable_weights)
             if p.fold_bn:
                 log.info("BatchNorm scale folded into %d unfrozen conv layers (finetune.fold_bn)", fold_bn_scale(base))
-            log.info("unfrozen from %s: %d trainable tensors, %d trainable params", p.unfreeze_from, n_trainable,
-                     count_params(stacked.trainable_weights))
+            log.info("unfrozen from %s%s: %d trainable tensors, %d of the backbone's %d params (%.0f %%)", boundary,
+                     " (finetune.unfreeze_from: auto)" if boundary != p.unfreeze_from else "", n_trainable, unfrozen,
+                     count_params(base.weights), 100 * unfrozen / count_params(base.weights))
+        unfrozen_share = round(unfrozen / count_params(base.weights), 4)
         # Compiled once, after the trainable set is final, so the optimizer sees exactly what trains;
         # evaluating the head-only model (epoch 0) does not depend on which weights are trainable.
         # training_stream's steps: whole multiples of the replicas, in global batches.
@@ -271,7 +278,7 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path
     fitted = False
     if p.epochs > 0:
         fp = fingerprint(params, expected, head_path, raw_dir, [(it.path, it.label, it.split) for it in train + val],
-                         replicas) if checkpoint is not None else ""
+                         replicas, unfreeze_from=boundary) if checkpoint is not None else ""
         state, fitted = _train(stacked, state, params, raw_dir, train, [index[it.label] for it in train], len(classes),
                                val_ds, fp, checkpoint, live, replicas)
         finish(stacked, state)
@@ -282,10 +289,12 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path
     best_acc = next(r[4] for r in state.rows if r[0] == state.best_epoch)
     metrics = {"best_epoch": state.best_epoch, "val_loss": float(state.best_loss), "val_accuracy": float(best_acc),
                "head_only_val_loss": float(init_loss), "head_only_val_accuracy": float(init_acc),
-               "parity_max_abs_diff": parity, "seconds": round(time.perf_counter() - t0, 1)}
+               "parity_max_abs_diff": parity, "unfreeze_from": boundary, "unfrozen_params": unfrozen,
+               "unfrozen_share": unfrozen_share,
+               "seconds": round(time.perf_counter() - t0, 1)}
     save_model(stacked, model_out, {
         "kind": "finetuned", "class_names": classes, "provenance": expected, "head_type": head_meta["head_type"],
-        "finetune_params": as_dict(p), "seed": params.seed, "best_epoch": state.best_epoch,
+        "finetune_params": as_dict(p), "unfreeze_from": boundary, "seed": params.seed, "best_epoch": state.best_epoch,
         "versions": library_versions(),
     })
     write_history(history_out, state.rows)

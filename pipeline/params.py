@@ -80,6 +80,12 @@ class BackboneParams:
     image_size: Optional[int] = field(default=None, metadata=_range(32, 1024))
     pooling: Literal["avg", "max"] = "avg"
 
+    def __post_init__(self) -> None:
+        least = REGISTRY[self.name].min_size if self.name in REGISTRY else 0
+        if self.image_size is not None and self.image_size < least:
+            raise ParamsError(f"backbone.image_size: {self.image_size} is below the smallest input {self.name} "
+                              f"accepts ({least} px); use at least {least}, or null for its native size")
+
 
 @dataclass(frozen=True)
 class RayParams:
@@ -142,7 +148,8 @@ class AugmentParams:
 @dataclass(frozen=True)
 class FinetuneParams:
     epochs: int = field(default=8, metadata=_range(0, 10000))
-    unfreeze_from: str = "block6a_expand_conv"
+    # auto: the backbone's own boundary (pipeline/registry.py); or a layer name of that backbone.
+    unfreeze_from: str = "auto"
     # Move each BN's scale into its trainable conv before training (backbones.fold_bn_scale).
     fold_bn: bool = True
     # sgd: momentum SGD; adam; adamw: Adam with decoupled weight decay (finetune.weight_decay).

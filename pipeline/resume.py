@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -33,6 +34,7 @@ import h5py
 import keras
 import numpy as np
 import tensorflow as tf
+from tqdm import tqdm
 
 from pipeline.augment import augment as augment_images
 from pipeline.datasets import image_dataset
@@ -58,14 +60,17 @@ class TrainState:
 
 
 def fingerprint(params: Params, provenance: dict, head_path: Path, raw_dir: Path,
-                items: Sequence[tuple[str, str, str]], replicas: int = 1) -> str:
+                items: Sequence[tuple[str, str, str]], replicas: int = 1, unfreeze_from: str | None = None) -> str:
     """sha256 of everything that shapes the training trajectory; ``items`` (path, label, split), ``replicas``
-    (the global batch and learning rate scale with them)."""
+    (the global batch and learning rate scale with them), ``unfreeze_from`` (the layer that
+    ``finetune.unfreeze_from`` resolved to, when it was ``auto``)."""
     # More epochs continue the same run, unless the learning-rate curve depends on their number.
     ignored = ("epochs", "resume") if params.finetune.schedule == "constant" else ("resume",)
     p = {k: v for k, v in as_dict(params.finetune).items() if k not in ignored}
+    if unfreeze_from is not None:  # the layer itself: `auto` is another layer when the registry's default changes
+        p["unfreeze_from"] = unfreeze_from
     images = hashlib.sha256()
-    for path, label, split in sorted(items):
+    for path, label, split in tqdm(sorted(items), desc="hash images (checkpoint)", unit="img", file=sys.stderr):
         images.update(json.dumps([path, label, split, sha256_file(raw_dir / path)]).encode())
     doc = {"format": FORMAT, "finetune": p, "augment": as_dict(params.augment), "seed": params.seed,
            **({"replicas": replicas} if replicas > 1 else {}),

@@ -47,6 +47,11 @@ def test_every_param_in_params_yaml_has_a_comment():
     ({"extract": {"augmented_views": 100}}, "extract.augmented_views: 100 is out of range"),
     ({"finetune": {"learning_rate": 0}}, "finetune.learning_rate: 0.0 is out of range"),
     ({"sed": 1}, "unknown key sed"),
+    ({"data": {"raw_dir": "/data/cost $5"}}, "data.raw_dir: '/data/cost $5' contains a dollar sign"),
+    ({"data": {"raw_dir": "~/photos"}}, "data.raw_dir: '~/photos' starts with ~"),
+    ({"data": {"raw_dir": "two\nlines"}}, "contains a line break"),
+    ({"backbone": {"name": "inception_v3", "image_size": 64}}, "backbone.image_size: 64 is below the smallest "
+                                                              "input inception_v3 accepts (75 px)"),
 ])
 def test_bad_params_name_key_and_allowed_values(raw, needle):
     with pytest.raises(ParamsError) as exc:
