@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -27,6 +28,7 @@ from typing import Optional
 import keras
 import numpy as np
 import tensorflow as tf
+from tqdm import tqdm
 
 from pipeline.backbones import (
     build_backbone,
@@ -79,6 +81,33 @@ def check_parity(stacked: keras.Model, head: keras.Model, images: np.ndarray, fe
             "Re-run `dvc repro extract train_head`."
         )
     return diff
+
+
+class BatchProgress(keras.callbacks.Callback):
+    """The batches of each fit epoch as a tqdm bar on stderr, like extract's and evaluate's bars.
+
+    On by default only when stderr is a terminal: there the bar fills in during the epoch and
+    gives way to Keras' one line per epoch (``verbose=2``); a log file keeps just those lines.
+    """
+
+    def __init__(self, steps: int, epochs: int, enabled: Optional[bool] = None):
+        super().__init__()
+        self.steps, self.epochs = steps, epochs
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.bar: Optional[tqdm] = None
+
+    def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        self.bar = tqdm(total=self.steps, desc=f"fine-tune epoch {epoch + 1}/{self.epochs}", unit="batch",
+                        leave=False, file=sys.stderr, disable=not self.enabled)
+
+    def on_train_batch_end(self, batch: int, logs=None) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def start_live(live_dir: Path, val_loss: float, val_accuracy: float):
@@ -206,7 +235,8 @@ def _train(stacked: keras.Model, state: TrainState, params: Params, raw_dir: Pat
                 initial_epoch=state.epoch, epochs=p.epochs, verbose=2,
                 shuffle=False,  # each epoch's stream is already shuffled
                 class_weight=class_weights(np.asarray(labels), n_classes, p.class_weight),
-                callbacks=[Tracker(state, p.patience, checkpoint, fp, ema_val=val_ds if p.ema else None),
+                callbacks=[BatchProgress(steps, p.epochs),
+                           Tracker(state, p.patience, checkpoint, fp, ema_val=val_ds if p.ema else None),
                            *live_callbacks(live)])
     return state, True
 
