@@ -257,8 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     spec = get_spec(args.name)
     base = spec.build(None, (spec.default_size, spec.default_size, 3))  # random init: only the shapes matter
-    print(f"{args.name}: {count_params(base.weights):,} weights, native size {spec.default_size} px "
-          f"(smallest {spec.min_size}). finetune.unfreeze_from: the share of the weights each boundary trains")
+    print(f"{args.name}: {count_params(base.weights):,} weights; native size {spec.default_size} px, smallest "
+          f"{spec.min_size}\n{'finetune.unfreeze_from':30s} share of the weights it trains")
     for name, share in boundary_shares(base, args.name):
         print(f"  {name:28s} {share:6.1%}" + ("   <- auto (the default)" if name == spec.unfreeze_from else ""))
 

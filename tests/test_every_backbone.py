@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import keras
@@ -86,3 +87,12 @@ def test_every_backbone_finetunes_with_default_params(prepared, tmp_path, name):
     start = [layer.name for layer in base.layers].index(spec.unfreeze_from)
     assert not any(layer.trainable_weights for layer in base.layers[:start])
     assert not any(isinstance(layer, keras.layers.BatchNormalization) and layer.trainable for layer in base.layers)
+
+
+def test_the_listing_marks_the_auto_boundary_and_each_share(capsys):
+    from pipeline.backbones import main
+
+    main(["mobilenet_v2"])
+    out = capsys.readouterr().out
+    assert "2,257,984 weights" in out
+    assert re.search(r"block_13_expand +73\.7% +<- auto", out) and re.search(r"Conv_1 +18\.1%\n", out), out

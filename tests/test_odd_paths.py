@@ -21,6 +21,7 @@ def _set_raw_dir(proj, raw_dir: str, **finetune) -> None:
     (proj / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_repro_reads_a_raw_dir_named_with_spaces_accents_and_a_quote(tmp_path):
     # The project's own folder is oddly named too; the images sit outside it, by absolute path, as a
     # user's photo folder does.
