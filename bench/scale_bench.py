@@ -77,6 +77,7 @@ def write_params(proj: Path, raw_rel: str, head_type: str) -> None:
 
 def stage_cmd(stage: str, raw_rel: str) -> str:
     cmd = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["cmd"]
+    cmd = " && ".join(cmd) if isinstance(cmd, list) else cmd  # DVC runs a list's commands in turn
     return cmd.replace("${data.raw_dir}", raw_rel)
 
 

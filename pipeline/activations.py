@@ -42,7 +42,7 @@ from pipeline.params import AugmentParams, as_dict
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: float16 rows scaled by their own max |a| (a float32 scale per row)
 DTYPE = np.float16
 DIGEST_BYTES = 32
 CHUNK = 256  # activations per committed chunk (~11 MB at 14 x 14 x 112 float16)
@@ -72,7 +72,7 @@ def entry(digest: bytes, view: Optional[int], augment: AugmentParams, seed: int)
 
 
 class ActivationCache:
-    """Content-addressed (h, w, c) float16 activations under ``root/key``; read as float32."""
+    """Content-addressed (h, w, c) activations under ``root/key``, stored as row-scaled float16; read as float32."""
 
     def __init__(self, root: Path, key: str, desc: dict, shape: Sequence[int]):
         self.dir = Path(root) / key
@@ -82,7 +82,7 @@ class ActivationCache:
             write_json(meta, desc)
         self.shape = tuple(int(d) for d in shape)
         self._index: dict[bytes, tuple[str, int]] = {}
-        self._maps: dict[str, np.ndarray] = {}
+        self._maps: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._known: set[str] = set()
         self.refresh()
 
@@ -104,12 +104,22 @@ class ActivationCache:
         return len(self._index)
 
     def add(self, keys: Sequence[bytes], acts: np.ndarray) -> None:
-        """Commit ``acts`` (M, h, w, c) for ``keys`` as one chunk: activations first, keys last."""
+        """Commit ``acts`` (M, h, w, c) float32 for ``keys`` as one chunk: activations and scales first, keys last.
+
+        Each row is stored as float16 of ``a / max|a|`` with its float32 scale: float16's 11-bit relative
+        precision then holds whatever the activations' magnitude (a randomly initialised backbone's are ~1e-8,
+        below float16's normal range; others may pass its 65504 maximum).
+        """
         if tuple(acts.shape[1:]) != self.shape:
             raise ValueError(f"activations of shape {acts.shape[1:]} for a cache of {self.shape}")
+        acts = np.asarray(acts, np.float32)
+        scale = np.abs(acts.reshape(len(acts), -1)).max(axis=1) if len(acts) else np.zeros(0, np.float32)
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
         chunk = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
         with atomic_path(self.dir / f"{chunk}.acts.npy", suffix=".npy") as tmp:
-            np.save(tmp, np.ascontiguousarray(acts, dtype=DTYPE))
+            np.save(tmp, np.ascontiguousarray(acts / scale[:, None, None, None], dtype=DTYPE))
+        with atomic_path(self.dir / f"{chunk}.scale.npy", suffix=".npy") as tmp:
+            np.save(tmp, scale)
         with atomic_path(self.dir / f"{chunk}.keys.npy", suffix=".npy") as tmp:
             np.save(tmp, np.frombuffer(b"".join(keys), np.uint8).reshape(len(keys), DIGEST_BYTES))
         self._known.add(chunk)
@@ -124,10 +134,12 @@ class ActivationCache:
         out = np.empty((len(keys), *self.shape), np.float32)
         for i, k in enumerate(keys):
             chunk, row = self._index[k]
-            arr = self._maps.get(chunk)
-            if arr is None:
-                arr = self._maps[chunk] = np.load(self.dir / f"{chunk}.acts.npy", mmap_mode="r")
-            out[i] = arr[row]
+            mapped = self._maps.get(chunk)
+            if mapped is None:
+                mapped = self._maps[chunk] = (np.load(self.dir / f"{chunk}.acts.npy", mmap_mode="r"),
+                                              np.load(self.dir / f"{chunk}.scale.npy"))
+            arr, scale = mapped
+            out[i] = arr[row].astype(np.float32) * scale[row]
         return out
 
 
@@ -175,7 +187,7 @@ class Activations:
             if view is not None:
                 images = augment_uint8(images, self.augment, [view_key(d, self.seed, view) for d in batch])
             pending_k += self.keys(batch, view)
-            pending_a.append(self._infer(images).astype(DTYPE))
+            pending_a.append(np.asarray(self._infer(images), np.float32))
             if len(pending_k) >= CHUNK:
                 self.cache.add(pending_k, np.concatenate(pending_a))
                 pending_k, pending_a = [], []

@@ -20,7 +20,8 @@ from pipeline.params import BackboneParams
 from pipeline.registry import BackboneError, get_spec
 
 __all__ = ["BackboneError", "Preprocess", "build_backbone", "backbone_provenance", "feature_provenance", "get_base",
-           "block_boundaries", "unfreeze_from", "unfreeze_start", "image_size", "resolve_weights", "count_params"]
+           "block_boundaries", "unfreeze_from", "unfreeze_start", "resolve_unfreeze_from", "image_size",
+           "resolve_weights", "count_params", "boundary_shares", "AUTO"]
 
 log = logging.getLogger(__name__)
 
@@ -154,15 +155,39 @@ def block_boundaries(base: keras.Model, name: str) -> list[str]:
     return out
 
 
+# ``finetune.unfreeze_from`` value that means "this backbone's own default boundary".
+AUTO = "auto"
+
+
+def resolve_unfreeze_from(layer_name: str, backbone_name: str) -> str:
+    """``finetune.unfreeze_from`` → the layer name it means: ``auto`` is the registry entry's default
+    boundary (the last stage or two of that backbone), any other value is returned as given."""
+    return get_spec(backbone_name).unfreeze_from if layer_name == AUTO else layer_name
+
+
 def unfreeze_start(base: keras.Model, layer_name: str, backbone_name: str) -> int:
-    """Index of ``layer_name`` in ``base.layers``; :class:`BackboneError` listing the valid names if absent."""
+    """Index of ``layer_name`` (or ``auto``, resolved) in ``base.layers``; :class:`BackboneError` listing the
+    valid names if absent."""
+    layer_name = resolve_unfreeze_from(layer_name, backbone_name)
     names = [layer.name for layer in base.layers]
     if layer_name not in names:
         raise BackboneError(
-            f"finetune.unfreeze_from: {layer_name!r} is not a layer of {backbone_name}; valid block boundaries: "
+            f"finetune.unfreeze_from: {layer_name!r} is not a layer of {backbone_name}; use auto (its default, "
+            f"{get_spec(backbone_name).unfreeze_from}) or one of its block boundaries (`python -m pipeline.backbones "
+            f"{backbone_name}` shows the share of weights each trains): "
             + ", ".join(block_boundaries(base, backbone_name))
         )
     return names.index(layer_name)
+
+
+def boundary_shares(base: keras.Model, backbone_name: str) -> list[tuple[str, float]]:
+    """Each block boundary of ``base`` with the share of its weights that unfreezing from there trains
+    (as :func:`unfreeze_from` does: BatchNormalization stays frozen)."""
+    total = count_params(base.weights)
+    sizes = [0 if isinstance(layer, keras.layers.BatchNormalization) else count_params(layer.weights)
+             for layer in base.layers]
+    start = {layer.name: i for i, layer in enumerate(base.layers)}
+    return [(name, sum(sizes[start[name]:]) / total) for name in block_boundaries(base, backbone_name)]
 
 
 def unfreeze_from(base: keras.Model, layer_name: str, backbone_name: str) -> int:
@@ -218,3 +243,25 @@ def fold_bn_scale(base: keras.Model) -> int:
 
 def count_params(weights: list) -> int:
     return int(sum(np.prod(w.shape) for w in weights))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pipeline.backbones NAME``: the values ``finetune.unfreeze_from`` takes for backbone NAME."""
+    import argparse
+
+    from pipeline.registry import REGISTRY
+
+    ap = argparse.ArgumentParser(description="List a backbone's block boundaries (the values finetune.unfreeze_from "
+                                             "takes) and the share of its weights each one trains")
+    ap.add_argument("name", choices=list(REGISTRY))
+    args = ap.parse_args(argv)
+    spec = get_spec(args.name)
+    base = spec.build(None, (spec.default_size, spec.default_size, 3))  # random init: only the shapes matter
+    print(f"{args.name}: {count_params(base.weights):,} weights; native size {spec.default_size} px, smallest "
+          f"{spec.min_size}\n{'finetune.unfreeze_from':30s} share of the weights it trains")
+    for name, share in boundary_shares(base, args.name):
+        print(f"  {name:28s} {share:6.1%}" + ("   <- auto (the default)" if name == spec.unfreeze_from else ""))
+
+
+if __name__ == "__main__":
+    main()

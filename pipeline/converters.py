@@ -33,6 +33,7 @@ def to_onnx(model: keras.Model, size: int, output_name: str = "outputs") -> byte
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     t0 = time.perf_counter()
+    log.info("converting %s to ONNX (opset %d)…", model.name, ONNX_OPSET)
     fn = tf.function(lambda x: model(tf.cast(x, tf.float32), training=False))
     frozen = convert_variables_to_constants_v2(
         fn.get_concrete_function(tf.TensorSpec((None, size, size, 3), tf.uint8, name=INPUT_NAME)))
@@ -85,6 +86,7 @@ def to_tflite(model: keras.Model, size: int, output_name: str = "probabilities")
     import tensorflow as tf
 
     t0 = time.perf_counter()
+    log.info("converting %s to TFLite…", model.name)
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(

@@ -37,6 +37,7 @@ import logging
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -184,13 +185,16 @@ def write_file_format(fmt: str, out: Path, model, size: int) -> tuple[float, str
     """Convert ``model`` to ``fmt`` (onnx | tflite), write ``out`` atomically once it passed its reload check;
     returns (max |Δp|, the runtime that checked it)."""
     data = to_onnx(model, size, output_name="probabilities") if fmt == "onnx" else to_tflite(model, size)
+    t0 = time.perf_counter()
+    log.info("checking %s: reloading it in a fresh process…", out)
     with atomic_path(out, suffix=f".{fmt}") as tmp:
         Path(tmp).write_bytes(data)
         diff, runtime = check_file(fmt, Path(tmp), model, size)
     if "not installed" in runtime:
         log.warning("%s checked with %s; `pip install -r requirements-litert.txt` to check it with LiteRT, "
                     "the runtime phones use", out, runtime)
-    log.info("exported %s (max |Δp| vs Keras on reload in a fresh process with %s: %.1e)", out, runtime, diff)
+    log.info("exported %s (max |Δp| vs Keras on reload in a fresh process with %s: %.1e), checked in %.1fs", out,
+             runtime, diff, time.perf_counter() - t0)
     return diff, runtime
 
 
@@ -203,11 +207,14 @@ def run(*, model_path: Path, out_dir: Path, meta_out: Path, onnx_out: Path | Non
         raise PipelineError(f"{model_path} is a {meta.get('kind')!r} model; export needs the fine-tuned image model")
     class_names = list(meta["class_names"])
     size = int(meta["provenance"]["image_size"])
+    t0 = time.perf_counter()
+    log.info("writing the SavedModel %s and checking it on reload…", out_dir)
     with atomic_dir(out_dir) as tmp:
         tmp.rmdir()  # write_out creates the folder itself
         build_archive(model, class_names, size).write_out(str(tmp), verbose=False)
         diff = check_export(tmp, model, size)
-    log.info("exported %s → %s (max |Δp| vs Keras on reload: %.1e)", model_path, out_dir, diff)
+    log.info("exported %s → %s (max |Δp| vs Keras on reload: %.1e) in %.1fs", model_path, out_dir, diff,
+             time.perf_counter() - t0)
     info = {
         "kind": "serving", "format": "tensorflow-saved-model", "signature": "serving_default",
         "inputs": {"images": f"uint8 (B, H, W, 3) RGB; H = W = {size} is used as is, other sizes resized inside"},

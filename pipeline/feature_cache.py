@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 import time
 import uuid
 from collections import OrderedDict
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from pipeline.imports import import_closure
 from pipeline.io_utils import atomic_path, sha256_digest, write_json
@@ -72,7 +74,9 @@ def write_chunk(key_dir: Path, digests: Sequence[bytes], features: np.ndarray) -
 def file_digests(paths: Sequence[str], workers: int = 4) -> list[bytes]:
     """sha256 of every file (hashlib releases the GIL on large buffers, so threads overlap I/O)."""
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(sha256_digest, paths, chunksize=64))
+        # Minutes on a large or networked folder: a bar like extract's own.
+        return list(tqdm(pool.map(sha256_digest, paths, chunksize=64), total=len(paths), desc="hash images",
+                         unit="img", file=sys.stderr))
 
 
 def feature_code_files() -> list[str]:

@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import logging
 import math
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,7 @@ from typing import Optional
 import keras
 import numpy as np
 import tensorflow as tf
+from tqdm import tqdm
 
 from pipeline.activations import ActivationCache, Activations, cache_key
 from pipeline.backbones import (
@@ -49,6 +51,7 @@ from pipeline.backbones import (
     fold_bn_scale,
     get_base,
     image_size,
+    resolve_unfreeze_from,
     unfreeze_from,
     unfreeze_start,
 )
@@ -103,6 +106,33 @@ def check_parity(stacked: keras.Model, head: keras.Model, images: np.ndarray, fe
             "Re-run `dvc repro extract train_head`."
         )
     return diff
+
+
+class BatchProgress(keras.callbacks.Callback):
+    """The batches of each fit epoch as a tqdm bar on stderr, like extract's and evaluate's bars.
+
+    On by default only when stderr is a terminal: there the bar fills in during the epoch and
+    gives way to Keras' one line per epoch (``verbose=2``); a log file keeps just those lines.
+    """
+
+    def __init__(self, steps: int, epochs: int, enabled: Optional[bool] = None):
+        super().__init__()
+        self.steps, self.epochs = steps, epochs
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.bar: Optional[tqdm] = None
+
+    def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        self.bar = tqdm(total=self.steps, desc=f"fine-tune epoch {epoch + 1}/{self.epochs}", unit="batch",
+                        leave=False, file=sys.stderr, disable=not self.enabled)
+
+    def on_train_batch_end(self, batch: int, logs=None) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def start_live(live_dir: Path, val_loss: float, val_accuracy: float):
@@ -237,7 +267,8 @@ def _train(top: keras.Model, state: TrainState, params: Params, data: TrainData,
             initial_epoch=state.epoch, epochs=p.epochs, verbose=2,
             shuffle=False,  # each epoch's stream is already shuffled
             class_weight=class_weights(np.asarray(data.labels), data.n_classes, p.class_weight),
-            callbacks=[Tracker(state, p.patience, resume.checkpoint, resume.fp, ema_val=data.val if p.ema else None),
+            callbacks=[BatchProgress(steps, p.epochs),
+                       Tracker(state, p.patience, resume.checkpoint, resume.fp, ema_val=data.val if p.ema else None),
                        *live_callbacks(live)])
     return state, True
 
@@ -275,7 +306,8 @@ def check_split_parity(top: keras.Model, stacked: keras.Model, acts: np.ndarray,
 def file_digests(paths: list[str]) -> list[bytes]:
     """Content sha256 of every file (hashlib releases the GIL on large buffers, so threads overlap I/O)."""
     with ThreadPoolExecutor(4) as pool:
-        return list(pool.map(sha256_digest, paths, chunksize=64))
+        return list(tqdm(pool.map(sha256_digest, paths, chunksize=64), total=len(paths), desc="hash images",
+                         unit="img", file=sys.stderr))
 
 
 def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path, head_path: Path,
@@ -296,6 +328,8 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path
     """
     t0 = time.perf_counter()
     p = params.finetune
+    # finetune.unfreeze_from: auto → the backbone's own boundary; recorded in the metrics and the model.
+    boundary = resolve_unfreeze_from(p.unfreeze_from, params.backbone.name)
     classes = read_json(classes_json)["classes"]
     index = {c: i for i, c in enumerate(classes)}
     expected = feature_provenance(params.backbone, classes)
@@ -321,18 +355,21 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path
         keras.utils.set_random_seed(params.seed)
         base = get_base(backbone)
         if p.epochs > 0:  # a bad layer name fails here, before any expensive work
-            unfreeze_start(base, p.unfreeze_from, params.backbone.name)
+            unfreeze_start(base, boundary, params.backbone.name)
         stacked = build_stacked(backbone, head)
         parity_images = load_batch([str(raw_dir / q) for q in parity_paths], size).astype(np.float32)
         parity = check_parity(stacked, head, parity_images, parity_features)
         log.info("stacking parity on %d val images: max |Δp| = %.2e", len(parity_paths), parity)
+        unfrozen = 0
         if p.epochs > 0:
-            n_trainable = unfreeze_from(base, p.unfreeze_from, params.backbone.name)
+            n_trainable = unfreeze_from(base, boundary, params.backbone.name)
+            unfrozen = count_params(base.trainable_weights)
             if p.fold_bn:  # before the split: it reads each BN's single inbound node
                 log.info("BatchNorm scale folded into %d unfrozen conv layers (finetune.fold_bn)", fold_bn_scale(base))
-            log.info("unfrozen from %s: %d trainable tensors, %d trainable params", p.unfreeze_from, n_trainable,
-                     count_params(stacked.trainable_weights))
-            split = split_at(backbone, head, p.unfreeze_from)
+            log.info("unfrozen from %s%s: %d trainable tensors, %d of the backbone's %d params (%.0f %%)", boundary,
+                     " (finetune.unfreeze_from: auto)" if boundary != p.unfreeze_from else "", n_trainable, unfrozen,
+                     count_params(base.weights), 100 * unfrozen / count_params(base.weights))
+            split = split_at(backbone, head, boundary)
             # Compiled once, after the trainable set is final, so the optimizer sees exactly what trains.
             # training_stream's steps: whole multiples of the replicas, in global batches.
             _compile(split.top, p, math.ceil((len(train) - len(train) % replicas) / (p.batch_size * replicas)),
@@ -351,7 +388,7 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path
     else:
         with tempfile.TemporaryDirectory(prefix="activations-") as scratch:
             engine, engine_desc = bottom_engine()
-            key, desc = cache_key(backbone_provenance(params.backbone), p.unfreeze_from, engine_desc,
+            key, desc = cache_key(backbone_provenance(params.backbone), boundary, engine_desc,
                                   library_versions())
             cache = ActivationCache(activation_cache if activation_cache is not None else Path(scratch), key, desc,
                                     split.activation_shape)
@@ -369,7 +406,8 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path
                                best_loss=float(init_loss), best_weights=split.top.get_weights())
             live = start_live(live_dir, init_loss, init_acc) if live_dir is not None else None
             items = [(it.path, it.label, it.split, d) for it, d in zip(train + val, digests)]
-            fp = fingerprint(params, expected, head_path, items, engine_desc, replicas) if checkpoint else ""
+            fp = fingerprint(params, expected, head_path, items, engine_desc, replicas,
+                             unfreeze_from=boundary) if checkpoint else ""
             state, fitted = _train(split.top, state, params, data, Resume(checkpoint, fp), live, replicas)
             finish(split.top, state)
             # The kept weights' val probabilities, for the temperature: the top on the stored clean val activations
@@ -390,10 +428,12 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path
                "parity_max_abs_diff": parity, "split_parity_max_abs_diff": split_parity,
                "bottom_images_computed": acts.computed if acts is not None else 0,
                "bottom_seconds": round(acts.seconds, 1) if acts is not None else 0.0,
+               "unfreeze_from": boundary, "unfrozen_params": unfrozen,
+               "unfrozen_share": round(unfrozen / count_params(base.weights), 4),
                "calibration": calibration, "seconds": round(time.perf_counter() - t0, 1)}
     save_model(with_temperature(stacked, calibration["temperature"]), model_out, {
         "kind": "finetuned", "class_names": classes, "provenance": expected, "head_type": head_meta["head_type"],
-        "finetune_params": as_dict(p), "seed": params.seed, "best_epoch": state.best_epoch,
+        "finetune_params": as_dict(p), "unfreeze_from": boundary, "seed": params.seed, "best_epoch": state.best_epoch,
         "temperature": calibration["temperature"], "versions": library_versions(),
     })
     write_history(history_out, state.rows)

@@ -7,7 +7,9 @@ allowed, before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import shlex
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +30,28 @@ def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = Fal
     return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open}
 
 
+# What a path templated into dvc.yaml's commands cannot hold. DVC pastes ``${data.raw_dir}`` into
+# the command text, inside double quotes, and runs it with $SHELL (sh, bash, zsh or fish): in
+# there a space, an apostrophe or any non-ASCII letter is literal, but ", $, ` and \ are not
+# (they end the quotes, expand a variable or a command, or escape), and DVC splits a command at
+# line breaks. A leading ~ is not expanded inside quotes (nor by DVC in deps).
+_SHELL_SPECIAL = {'"': "a double quote", "$": "a dollar sign", "`": "a backtick", "\\": "a backslash"}
+
+
+def check_shell_path(key: str, value: str) -> None:
+    """:class:`ParamsError` if ``value`` would not reach a stage intact through dvc.yaml's quoted command line."""
+    bad = next((c for c in value if c in _SHELL_SPECIAL or c.splitlines() != [c]), None)
+    if bad is not None:
+        what = _SHELL_SPECIAL.get(bad, f"a line break ({bad!r})")
+        raise ParamsError(
+            f"{key}: {value!r} contains {what}, which the shell DVC runs each stage in would not pass on as "
+            f"written, so the stage would read another path. Rename the folder without it, or make a link "
+            f"with a plain name (ln -s {shlex.quote(value)} data/images) and set {key}: data/images")
+    if value.startswith("~"):
+        raise ParamsError(f"{key}: {value!r} starts with ~, which neither DVC nor the stage's quoted command "
+                          f"expands; write the full path ({os.path.expanduser(value)!r})")
+
+
 @dataclass(frozen=True)
 class DataParams:
     raw_dir: str = "data/demo"
@@ -41,6 +65,7 @@ class DataParams:
     max_image_pixels: int = field(default=100_000_000, metadata=_range(1, None))
 
     def __post_init__(self) -> None:
+        check_shell_path("data.raw_dir", self.raw_dir)
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ParamsError(
                 f"data.val_fraction + data.test_fraction = {self.val_fraction + self.test_fraction} "
@@ -54,6 +79,12 @@ class BackboneParams:
     weights: str = "imagenet"
     image_size: Optional[int] = field(default=None, metadata=_range(32, 1024))
     pooling: Literal["avg", "max"] = "avg"
+
+    def __post_init__(self) -> None:
+        least = REGISTRY[self.name].min_size if self.name in REGISTRY else 0
+        if self.image_size is not None and self.image_size < least:
+            raise ParamsError(f"backbone.image_size: {self.image_size} is below the smallest input {self.name} "
+                              f"accepts ({least} px); use at least {least}, or null for its native size")
 
 
 @dataclass(frozen=True)
@@ -83,7 +114,7 @@ class ExtractParams:
 
 @dataclass(frozen=True)
 class LogregParams:
-    C: float = field(default=1.0, metadata=_range(0.0, None, lo_open=True))
+    C: float = field(default=0.1, metadata=_range(0.0, None, lo_open=True))
     max_iter: int = field(default=1000, metadata=_range(1, None))
 
 
@@ -117,7 +148,8 @@ class AugmentParams:
 @dataclass(frozen=True)
 class FinetuneParams:
     epochs: int = field(default=8, metadata=_range(0, 10000))
-    unfreeze_from: str = "block6a_expand_conv"
+    # auto: the backbone's own boundary (pipeline/registry.py); or a layer name of that backbone.
+    unfreeze_from: str = "auto"
     # Move each BN's scale into its trainable conv before training (backbones.fold_bn_scale).
     fold_bn: bool = True
     # sgd: momentum SGD; adam; adamw: Adam with decoupled weight decay (finetune.weight_decay).
@@ -355,3 +387,25 @@ def restrict(params: Params, stage: str, sections: tuple[str, ...]) -> Params:
 def as_dict(params: Any) -> dict:
     """Params (or a section) → plain dict, e.g. for provenance attrs."""
     return dataclasses.asdict(params)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pipeline.params [params.yaml]``: validate a params file; a bad one is one error line, status 1.
+
+    dvc.yaml runs it before the first command that pastes ``data.raw_dir`` in: a path the quoted
+    command cannot carry (:func:`check_shell_path`) is reported by name before a shell reads it.
+    """
+    import argparse
+
+    from pipeline.io_utils import setup_logging, user_errors
+
+    ap = argparse.ArgumentParser(description="Validate params.yaml (every key and value) without running anything")
+    ap.add_argument("params", nargs="?", type=Path, default=Path("params.yaml"))
+    args = ap.parse_args(argv)
+    setup_logging()
+    with user_errors():
+        load_params(args.params)
+
+
+if __name__ == "__main__":
+    main()

@@ -38,6 +38,11 @@ class BackboneSpec:
     # Regex whose first group names the block a layer belongs to; the first layer of each
     # block is a valid ``finetune.unfreeze_from``.
     block_pattern: str
+    # What ``finetune.unfreeze_from: auto`` means for this backbone: the first layer of its last
+    # stage or two (a block boundary; docs/backbones.md lists the share of weights above it).
+    unfreeze_from: str
+    # Smallest square input the architecture accepts (``backbone.image_size`` is checked against it).
+    min_size: int = 32
 
 
 def keras_cache_dir() -> Path:
@@ -105,9 +110,9 @@ def _lite0_imagenet(size: int) -> Path:
 
 
 def _app(name: str, fn_name: str, preprocessing: str, size: int, file_name: Callable[[int], str],
-         block_pattern: str) -> BackboneSpec:
+         block_pattern: str, unfreeze_from: str, min_size: int = 32) -> BackboneSpec:
     build, imagenet = _keras_application(name, fn_name, file_name)
-    return BackboneSpec(name, build, imagenet, preprocessing, size, block_pattern)
+    return BackboneSpec(name, build, imagenet, preprocessing, size, block_pattern, unfreeze_from, min_size)
 
 
 def _fixed(name: str) -> Callable[[int], str]:
@@ -116,27 +121,39 @@ def _fixed(name: str) -> Callable[[int], str]:
 
 _EFFNET_BLOCKS = r"^(block\d+[a-z]|top)_"
 
+# Default fine-tune boundaries (``unfreeze_from``): the last stage or two, where the features are
+# the most task-specific. EfficientNet-Lite0 / B0-B3: stages 6-7 (block6a, as measured for Lite0);
+# MobileNetV2: the same stages, its 160- and 320-channel blocks (block_13); VGG: block5; ResNet50
+# (v1, v2): conv5; InceptionV3: the two last mixed blocks (after mixed8, as in the Keras guide);
+# Xception: the exit flow (block13-14).
 REGISTRY: dict[str, BackboneSpec] = {spec.name: spec for spec in (
-    BackboneSpec("efficientnet_lite0", _lite0_build, _lite0_imagenet, "tf", 224, _EFFNET_BLOCKS),
+    BackboneSpec("efficientnet_lite0", _lite0_build, _lite0_imagenet, "tf", 224, _EFFNET_BLOCKS,
+                 "block6a_expand_conv"),
     _app("vgg16", "VGG16", "caffe", 224, _fixed("vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-         r"^(block\d+)_"),
+         r"^(block\d+)_", "block5_conv1"),
     _app("vgg19", "VGG19", "caffe", 224, _fixed("vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-         r"^(block\d+)_"),
+         r"^(block\d+)_", "block5_conv1"),
     _app("resnet50", "ResNet50", "caffe", 224, _fixed("resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-         r"^(conv\d+_block\d+)_"),
+         r"^(conv\d+_block\d+)_", "conv5_block1_1_conv"),
     _app("resnet50v2", "ResNet50V2", "tf", 224,
-         _fixed("resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5"), r"^(conv\d+_block\d+|post)_"),
+         _fixed("resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5"), r"^(conv\d+_block\d+|post)_",
+         "conv5_block1_preact_bn"),
     _app("inception_v3", "InceptionV3", "tf", 299,
-         _fixed("inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"), r"^(mixed\d+)$"),
+         _fixed("inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"), r"^(mixed\d+)$", "mixed8",
+         min_size=75),
     _app("xception", "Xception", "tf", 299, _fixed("xception_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-         r"^(block\d+)_"),
+         r"^(block\d+)_", "block13_sepconv1_act", min_size=71),
     _app("mobilenet_v2", "MobileNetV2", "tf", 224,
          lambda size: f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{size}_no_top.h5",
-         r"^(block_\d+|expanded_conv|Conv_1)(?:_|$)"),
-    _app("efficientnetb0", "EfficientNetB0", "raw", 224, _fixed("efficientnetb0_notop.h5"), _EFFNET_BLOCKS),
-    _app("efficientnetb1", "EfficientNetB1", "raw", 240, _fixed("efficientnetb1_notop.h5"), _EFFNET_BLOCKS),
-    _app("efficientnetb2", "EfficientNetB2", "raw", 260, _fixed("efficientnetb2_notop.h5"), _EFFNET_BLOCKS),
-    _app("efficientnetb3", "EfficientNetB3", "raw", 300, _fixed("efficientnetb3_notop.h5"), _EFFNET_BLOCKS),
+         r"^(block_\d+|expanded_conv|Conv_1)(?:_|$)", "block_13_expand"),
+    _app("efficientnetb0", "EfficientNetB0", "raw", 224, _fixed("efficientnetb0_notop.h5"), _EFFNET_BLOCKS,
+         "block6a_expand_conv"),
+    _app("efficientnetb1", "EfficientNetB1", "raw", 240, _fixed("efficientnetb1_notop.h5"), _EFFNET_BLOCKS,
+         "block6a_expand_conv"),
+    _app("efficientnetb2", "EfficientNetB2", "raw", 260, _fixed("efficientnetb2_notop.h5"), _EFFNET_BLOCKS,
+         "block6a_expand_conv"),
+    _app("efficientnetb3", "EfficientNetB3", "raw", 300, _fixed("efficientnetb3_notop.h5"), _EFFNET_BLOCKS,
+         "block6a_expand_conv"),
 )}
 
 

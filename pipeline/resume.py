@@ -48,13 +48,16 @@ class TrainState:
 
 
 def fingerprint(params: Params, provenance: dict, head_path: Path, items: Sequence[tuple[str, str, str, bytes]],
-                engine: dict, replicas: int = 1) -> str:
+                engine: dict, replicas: int = 1, unfreeze_from: str | None = None) -> str:
     """sha256 of everything that shapes the training trajectory; ``items`` (path, label, split, content sha256)
     of every train and val image, ``engine`` what computes the activations (:func:`pipeline.activations.cache_key`),
-    ``replicas`` (the global batch and learning rate scale with them)."""
+    ``replicas`` (the global batch and learning rate scale with them), ``unfreeze_from`` (the layer that
+    ``finetune.unfreeze_from`` resolved to, when it was ``auto``)."""
     # More epochs continue the same run, unless the learning-rate curve depends on their number.
     ignored = ("epochs", "resume") if params.finetune.schedule == "constant" else ("resume",)
     p = {k: v for k, v in as_dict(params.finetune).items() if k not in ignored}
+    if unfreeze_from is not None:  # the layer itself: `auto` is another layer when the registry's default changes
+        p["unfreeze_from"] = unfreeze_from
     images = hashlib.sha256()
     for path, label, split, digest in sorted(items):
         images.update(json.dumps([path, label, split, digest.hex()]).encode())

@@ -41,10 +41,15 @@ def split_at(backbone: keras.Model, head: keras.Model, layer_name: str) -> Split
     cut (a skip connection over it): the top would then need more than the one stored activation.
     """
     base = get_base(backbone)
-    boundary = base.get_layer(layer_name).input
+    layer = base.get_layer(layer_name)
+    boundary = layer.input
     if isinstance(boundary, (list, tuple)):
-        raise BackboneError(f"finetune.unfreeze_from: {layer_name!r} takes several inputs; "
-                            "cut at a block's first layer")
+        # A merge without weights that ends a block (inception_v3's mixedN concatenations): training from it
+        # trains exactly what follows it, so the cut is its one output.
+        if layer.weights:
+            raise BackboneError(f"finetune.unfreeze_from: {layer_name!r} takes several inputs; "
+                                "cut at a block's first layer")
+        boundary = layer.output
     try:
         base_top = keras.Model(boundary, base.output, name="base_top")
     except ValueError as exc:  # Keras: the graph above the cut needs a tensor from below it

@@ -25,6 +25,7 @@ from pipeline.backbones import (
     fold_bn_scale,
     get_base,
     image_size,
+    resolve_unfreeze_from,
     unfreeze_from,
 )
 from pipeline.engines import compile_engine
@@ -61,9 +62,10 @@ def test_stored_activations_are_the_full_models_boundary_and_extracts_views(tmp_
     backbone = build_backbone(params.backbone)
     stacked = build_stacked(backbone, head)
     base = get_base(backbone)
-    unfreeze_from(base, params.finetune.unfreeze_from, params.backbone.name)
+    cut = resolve_unfreeze_from(params.finetune.unfreeze_from, params.backbone.name)
+    unfreeze_from(base, cut, params.backbone.name)
     fold_bn_scale(base)
-    split = split_at(backbone, head, params.finetune.unfreeze_from)
+    split = split_at(backbone, head, cut)
 
     train = read_manifest(out / "manifest.csv", splits=("train",))
     paths = [str(raw / it.path) for it in train]
@@ -81,7 +83,7 @@ def test_stored_activations_are_the_full_models_boundary_and_extracts_views(tmp_
         view0 = cache.get_many(acts.keys(digests, 0))
 
     # What the full model computes at the boundary, in TensorFlow: the base's own tensor on preprocessed pixels.
-    inner = keras.Model(base.input, base.get_layer(params.finetune.unfreeze_from).input)
+    inner = keras.Model(base.input, base.get_layer(split.boundary).input)
     images = load_batch(paths, size).astype(np.float32)
     ref = inner(Preprocess(backbone.get_layer("preprocess").mode)(images)).numpy()
     assert clean.shape == ref.shape == (len(paths), *split.activation_shape)
@@ -131,7 +133,7 @@ def test_a_run_from_a_warm_activation_cache_equals_a_cold_one(tmp_path):
         np.testing.assert_array_equal(x, y)
     # The saved model is the full backbone + head, as the stacked model always was.
     assert [layer.name for layer in a.layers] == [layer.name for layer in b.layers]
-    assert get_base(a).get_layer(params.finetune.unfreeze_from) is not None
+    assert get_base(a).get_layer(resolve_unfreeze_from(params.finetune.unfreeze_from, params.backbone.name)) is not None
     assert read_json(out / "cold.json")["best_epoch"] == cold["best_epoch"]
 
 

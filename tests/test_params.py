@@ -47,6 +47,11 @@ def test_every_param_in_params_yaml_has_a_comment():
     ({"extract": {"augmented_views": 100}}, "extract.augmented_views: 100 is out of range"),
     ({"finetune": {"learning_rate": 0}}, "finetune.learning_rate: 0.0 is out of range"),
     ({"sed": 1}, "unknown key sed"),
+    ({"data": {"raw_dir": "/data/cost $5"}}, "data.raw_dir: '/data/cost $5' contains a dollar sign"),
+    ({"data": {"raw_dir": "~/photos"}}, "data.raw_dir: '~/photos' starts with ~"),
+    ({"data": {"raw_dir": "two\nlines"}}, "contains a line break"),
+    ({"backbone": {"name": "inception_v3", "image_size": 64}}, "backbone.image_size: 64 is below the smallest "
+                                                              "input inception_v3 accepts (75 px)"),
 ])
 def test_bad_params_name_key_and_allowed_values(raw, needle):
     with pytest.raises(ParamsError) as exc:
@@ -83,3 +88,26 @@ def test_a_string_that_looks_like_a_number_in_an_int_field_is_still_refused(tmp_
     f.write_text("extract:\n  batch_size: 1e3\n")
     with pytest.raises(ParamsError, match=r"extract.batch_size: 1000.0 is not an integer"):
         load_params(f)
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def test_code_defaults_equal_params_yaml():
+    """One source of defaults: a key left out of params.yaml means what params.yaml itself says."""
+    from pipeline.params import Params, as_dict, parse_yaml
+
+    written = _leaves(parse_yaml((ROOT / "params.yaml").read_text(encoding="utf-8")))
+    code = _leaves(as_dict(Params()))
+    assert sorted(written) == sorted(code), "params.yaml and pipeline/params.py list different keys"
+    # A bool is an int to ==; `true` where a number belongs (or 1 for true) is drift too.
+    drift = {k: (code[k], written[k]) for k in code
+             if code[k] != written[k] or isinstance(code[k], bool) != isinstance(written[k], bool)}
+    assert drift == {}, f"pipeline/params.py default vs params.yaml value: {drift}"

@@ -24,7 +24,10 @@ DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
 def _module(stage: str) -> str:
-    m = re.match(r"python -m (pipeline\.\w+)", DVC[stage]["cmd"].strip())
+    cmd = DVC[stage]["cmd"]
+    if isinstance(cmd, list):  # checks first (python -m pipeline.params), the stage's module last
+        cmd = cmd[-1]
+    m = re.match(r"python -m (pipeline\.\w+)", cmd.strip())
     assert m, f"stage {stage}: command does not run a pipeline module: {DVC[stage]['cmd']}"
     return m.group(1)
 
