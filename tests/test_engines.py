@@ -18,10 +18,11 @@ from pipeline.manifest import SPLITS
 from pipeline.params import ParamsError
 from pipeline.predict import run as predict_run
 
-# Max |Δ| between ONNX Runtime's and TensorFlow's features (measured: ~1e-5 on features of
-# magnitude ~5, i.e. float32 rounding in another summation order).
-FEATURE_TOLERANCE = 1e-4
-# Max |Δp| between the fine-tuned model's probabilities on the two engines (measured: ~1e-6).
+# The documented claims (README "Inference engines", pipeline/engines.py), written here as numbers, not imported:
+# features of the same image on ONNX Runtime and TensorFlow within 3e-5 (float32 rounding in another summation
+# order; measured 5e-6 at 224 px, 1.6e-5 at this suite's 64 px, on features up to ~5-6) ...
+FEATURE_TOLERANCE = 3e-5
+# ... and evaluate's / predict's probabilities on the two engines within 1e-5.
 PROB_TOLERANCE = 1e-5
 
 
@@ -41,7 +42,8 @@ def test_onnx_features_match_tensorflow_and_are_bit_identical_however_batched(ba
     full = onnx(x)
     assert full.dtype == np.float32 and full.shape == ref.shape == (9, 1280)
     diff = float(np.max(np.abs(full - ref)))
-    assert diff <= FEATURE_TOLERANCE, diff
+    print(f"\nONNX Runtime vs TensorFlow features: max |Δ| {diff:.2e} on features up to {np.abs(ref).max():.2f}")
+    assert diff <= FEATURE_TOLERANCE, (diff, float(np.abs(ref).max()))
     assert np.abs(ref).max() > 1.0  # real weights: features are not all ~0
     # Same image → same bits, whatever the batch size, its position in the batch and the run.
     np.testing.assert_array_equal(onnx(x), full)
@@ -104,7 +106,7 @@ def test_extract_keeps_each_engines_features_apart(tmp_path):
         assert attrs_b["engine"] == "tensorflow" and attrs_b["engine_version"] == attrs_b["tensorflow"]
         assert attrs_a["precision"] == attrs_b["precision"] == "float32"
         assert attrs_a["cache_key"] != attrs_b["cache_key"]
-        assert np.max(np.abs(a - b)) <= FEATURE_TOLERANCE
+        assert np.max(np.abs(a - b)) <= FEATURE_TOLERANCE, (np.max(np.abs(a - b)), np.abs(b).max())
     again, _ = _extract(raw, tmp_path / "again", cache, **{"extract.engine": "onnxruntime"})
     assert again["computed"] == 0 and again["reused"] == 36
 

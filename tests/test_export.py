@@ -125,9 +125,12 @@ for name in sys.argv[3:]:
 """
 
 
-def test_onnx_and_tflite_files_give_the_keras_models_probabilities(tiny_dvc_project: Path, tmp_path: Path):
-    from pipeline.export import EXPORT_TOLERANCE
+# README "ONNX and TFLite": reloaded in their own runtimes, max |Δp| <= 1e-5 against the Keras model. Written as the
+# documented number, not imported from pipeline.export, so loosening the stage's own check cannot loosen this one.
+EXPORT_TOLERANCE = 1e-5
 
+
+def test_onnx_and_tflite_files_give_the_keras_models_probabilities(tiny_dvc_project: Path, tmp_path: Path):
     proj = tiny_dvc_project
     meta = json.loads((proj / "models" / "serving.json").read_text())
     model, model_meta = load_model(proj / "models" / "model.keras")

@@ -300,6 +300,21 @@ def test_read_only_output_folder_fails_cleanly(project, tmp_path):
         out.chmod(0o755)
 
 
+def test_output_folder_that_is_a_file_fails_cleanly(tmp_path):
+    """The unwritable-destination case for every user, root included (root writes into read-only folders, so
+    the test above skips as root, which is how CI runs): the outputs' folder is a user's regular file."""
+    raw = make_images(tmp_path / "raw", per_class=6)
+    params = as_params(tiny_params(str(raw)))
+    blocker = tmp_path / "reports"
+    blocker.write_bytes(b"the user's own file, not a folder")
+    with pytest.raises(OSError) as exc:
+        prepare.run(raw_dir=raw, manifest=blocker / "manifest.csv", classes_out=blocker / "classes.json",
+                    quarantine=blocker / "quarantine.csv", params=params.data)
+    assert "reports" in str(exc.value)
+    assert blocker.is_file() and blocker.read_bytes() == b"the user's own file, not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw", "reports"]  # nothing written beside it
+
+
 # --- stale or foreign artifacts ------------------------------------------------------------------------
 
 def test_features_from_other_params_are_refused_naming_the_difference(project, tmp_path):
