@@ -58,7 +58,9 @@ def test_the_feature_code_reaches_decode_augment_network_and_engines():
     ("pipeline/backbones.py", "    Modes: ``tf`` (x/127.5 − 1)", "    Modes (reworded): ``tf`` (x/127.5 − 1)"),
     # Code outside the feature path: the stages, the CLI, the head.
     ("pipeline/extract.py", "WRITE_BLOCK = 1024", "WRITE_BLOCK = 2048"),
-    ("pipeline/models.py", "\n", "\nUNUSED = 1\n"),
+    # A definition nothing on the feature path calls.
+    ("pipeline/augment.py", "def augment_uint8(", "def _unused():\n    pass\n\n\ndef augment_uint8("),
+    ("pipeline/models.py", "def write_history(", "UNUSED = 1\n\n\ndef write_history("),
 ])
 def test_edits_that_cannot_change_features_keep_the_key(project, name, old, new):
     before = code_fingerprint(project)
@@ -70,7 +72,7 @@ def test_edits_that_cannot_change_features_keep_the_key(project, name, old, new)
 @pytest.mark.parametrize("name, old, new", [
     ("pipeline/images.py", "RESAMPLE = ", "RESAMPLE = 1 or "),  # the decoder's resampling
     ("pipeline/backbones.py", "return x / 127.5 - 1.0", "return x / 128.0 - 1.0"),  # preprocessing code
-    ("pipeline/augment.py", "def augment_uint8(", "def _unused():\n    pass\n\n\ndef augment_uint8("),
+    ("pipeline/augment.py", "uniform(-1.0, 1.0, 5)", "uniform(-1.0, 1.0, 6)"),  # how a view is drawn
     ("pipeline/efficientnet_lite.py", "BN_EPSILON = 1e-3", "BN_EPSILON = 1e-5"),  # the network
     ("pipeline/torch_legacy.py", "def _read_exact(", "def _read_exact(*_extra, "),  # reading the weights
     ("pipeline/converters.py", "ONNX_OPSET = 17", "ONNX_OPSET = 18"),  # the conversion
@@ -102,11 +104,13 @@ def test_the_key_follows_preprocessing_weights_engine_and_libraries(tmp_path):
     assert weights == "imagenet"
     from pipeline.registry import lite0_weights_path
 
-    copy = tmp_path / "w.pth"
-    copy.write_bytes(Path(lite0_weights_path()).read_bytes())
-    same_bytes = _key(tiny_params(**{"backbone.weights": str(copy)}))
-    copy.write_bytes(copy.read_bytes()[:-1] + b"\0")  # other weights, same file name
-    assert _key(tiny_params(**{"backbone.weights": str(copy)})) != same_bytes
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    one, other = tmp_path / "a" / "w.pth", tmp_path / "b" / "w.pth"
+    one.write_bytes(Path(lite0_weights_path()).read_bytes())
+    data = one.read_bytes()
+    other.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # other weights, same file name
+    assert _key(tiny_params(**{"backbone.weights": str(one)})) != _key(tiny_params(**{"backbone.weights": str(other)}))
     assert base != _key(tiny_params(), engine="tensorflow")
     assert base != _key(tiny_params(), precision="int8")
     assert base != _key(tiny_params(), engine_version="2")
@@ -116,7 +120,7 @@ def test_the_key_follows_preprocessing_weights_engine_and_libraries(tmp_path):
 
 
 def test_params_outside_the_feature_path_reuse_every_cached_feature(tmp_path):
-    raw = make_images(tmp_path / "raw", per_class=6)
+    raw = make_images(tmp_path / "raw", per_class=12)
     cache = tmp_path / "cache"
     runs = {}
     for tag, overrides in (("a", {}), ("b", {"finetune.epochs": 3, "head.type": "dense", "seed": 7}),
@@ -126,15 +130,15 @@ def test_params_outside_the_feature_path_reuse_every_cached_feature(tmp_path):
         prepare.run(raw_dir=raw, manifest=out / "manifest.csv", classes_out=out / "classes.json", params=params.data)
         runs[tag] = extract.run(raw_dir=raw, manifest=out / "manifest.csv", classes_json=out / "classes.json",
                                 outs={s: out / f"{s}.h5" for s in SPLITS}, params=params, cache_dir=cache)
-    assert runs["a"]["computed"] == 18
-    assert runs["b"]["computed"] == 0 and runs["b"]["reused"] == 18
-    assert runs["c"]["computed"] == 18, "another pooling must not reuse features"
+    assert runs["a"]["computed"] == 36
+    assert runs["b"]["computed"] == 0 and runs["b"]["reused"] == 36
+    assert runs["c"]["computed"] == 36, "another pooling must not reuse features"
 
 
 def test_the_converted_backbone_is_kept_with_its_features_and_reused(tmp_path, monkeypatch):
     import pipeline.converters as converters
 
-    raw = make_images(tmp_path / "raw", per_class=6)
+    raw = make_images(tmp_path / "raw", per_class=12)
     cache = tmp_path / "cache"
     params = as_params(tiny_params(str(raw), **{"extract.augmented_views": 0, "extract.engine": "onnxruntime"}))
     out = tmp_path / "run"
@@ -146,12 +150,12 @@ def test_the_converted_backbone_is_kept_with_its_features_and_reused(tmp_path, m
     assert (key_dir / "backbone.onnx").is_file()
     before = _by_path(outs["train"])
     # New images, same namespace: computed with the cached model, never converted again.
-    make_images(tmp_path / "raw", per_class=8)
+    make_images(tmp_path / "raw", per_class=14)
     monkeypatch.setattr(converters, "to_onnx", lambda *a, **k: pytest.fail("converted again"))
     prepare.run(raw_dir=raw, manifest=out / "manifest.csv", classes_out=out / "classes.json", params=params.data)
     second = extract.run(raw_dir=raw, manifest=out / "manifest.csv", classes_json=out / "classes.json", outs=outs,
                          params=params, cache_dir=cache)
-    assert first["computed"] == 18 and second["computed"] == 6 and second["reused"] == 18
+    assert first["computed"] == 36 and second["computed"] == 6 and second["reused"] == 36
     after = _by_path(outs["train"])
     assert len(after) > len(before)
     for path, feats in before.items():
@@ -179,7 +183,7 @@ def test_with_the_converted_model_cached_the_stage_never_imports_tensorflow(tmp_
 
     import yaml
 
-    raw = make_images(tmp_path / "raw", per_class=6)
+    raw = make_images(tmp_path / "raw", per_class=12)
     p = tiny_params(str(raw), **{"extract.augmented_views": 0})  # views are drawn with TensorFlow's image ops
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
     args = ["--raw-dir", str(raw), "--manifest", "manifest.csv", "--classes", "classes.json", "--train", "train.h5",
@@ -194,5 +198,5 @@ def test_with_the_converted_model_cached_the_stage_never_imports_tensorflow(tmp_
         return proc.stdout.strip().splitlines()[-1]
 
     assert stage() == "TF-IMPORTED"  # the first run converts the backbone
-    make_images(tmp_path / "raw", per_class=8)  # new images to compute, on the cached model
+    make_images(tmp_path / "raw", per_class=14)  # new images to compute, on the cached model
     assert stage() == "TF-FREE"
