@@ -14,6 +14,13 @@ image size, batch size and N, on real JPEGs from ../shared/datasets/dogs_vs_cats
   decode-only: the input pipeline (thread-pool decode) alone, no model
   stage: `python -m pipeline.extract` (what `dvc repro -s extract` runs) over N fresh images,
        engine auto, start-up, conversion, hashing and HDF5 writes included
+  stage, model cached: the same over N other fresh images, the converted backbone already in the
+       cache (a run after the first): no TensorFlow import, no conversion
+  dvc repro: `dvc repro -s extract` in a scratch DVC project over N fresh images with the converted
+       model cached, DVC's own work included (its prepare stage run before, untimed)
+  start-up: the stage over 80 fresh images, converted model cached vs not (a fresh cache:
+       TensorFlow imported, backbone built and converted), rounds interleaved, medians: the fixed
+       cost the cache removes (--startup-only runs just this)
   RSS: peak resident memory of that stage at N and 10N distinct images (skipped by --no-memory)
   head: one logreg head fit on cached features vs one epoch of frozen backbone + head on images
 """
@@ -123,9 +130,10 @@ def seed_style(raw: Path, params, n: int) -> float:
     return done / (time.perf_counter() - t)
 
 
-def stage_run(raw: Path, work: Path, batch_size: int) -> tuple[float, float, dict]:
-    """`python -m pipeline.extract` in a subprocess on a fresh cache → (peak RSS MiB, wall seconds, metrics)."""
-    work.mkdir(parents=True)
+def stage_run(raw: Path, work: Path, batch_size: int, cache: str = "cache") -> tuple[float, float, dict]:
+    """`python -m pipeline.extract` in a subprocess on ``work/cache`` (fresh unless ``cache`` names a folder
+    already there) → (peak RSS MiB, wall seconds, metrics)."""
+    work.mkdir(parents=True, exist_ok=True)
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
     p["data"].update(raw_dir=str(raw), val_fraction=0.15, test_fraction=0.15)
     p["extract"].update(batch_size=batch_size, augmented_views=0)  # images per second, as in (a) and (b)
@@ -134,7 +142,7 @@ def stage_run(raw: Path, work: Path, batch_size: int) -> tuple[float, float, dic
                 params=parse_params(p).data)
     cmd = [sys.executable, "-m", "pipeline.extract", "--raw-dir", str(raw), "--manifest", "manifest.csv",
            "--classes", "classes.json", "--train", "train.h5", "--val", "val.h5", "--test", "test.h5",
-           "--metrics", "m.json", "--cache-dir", "cache"]
+           "--metrics", "m.json", "--cache-dir", cache]
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=work, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -143,6 +151,50 @@ def stage_run(raw: Path, work: Path, batch_size: int) -> tuple[float, float, dic
     if status != 0:
         raise RuntimeError(f"extract failed in {work}")
     return usage.ru_maxrss / 1024, wall, json.loads((work / "m.json").read_text())
+
+
+def dvc_stage(raw: Path, warm_raw: Path, work: Path, batch_size: int) -> tuple[float, dict]:
+    """`dvc repro -s extract` over ``raw`` in a scratch DVC project whose feature cache already holds the
+    converted backbone (an extract over ``warm_raw`` ran first) → (wall seconds, extract metrics)."""
+    work.mkdir(parents=True)
+    shutil.copytree(ROOT / "pipeline", work / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["data"].update(raw_dir=str(raw), val_fraction=0.15, test_fraction=0.15)
+    p["extract"].update(batch_size=batch_size, augmented_views=0)
+    (work / "params.yaml").write_text(yaml.safe_dump(p))
+    dvc = [str(Path(sys.executable).parent / "dvc")]
+    # dvc.yaml's commands run `python`: this interpreter's, as after `source .venv/bin/activate`.
+    env = {**os.environ, "PYTHONPATH": str(work),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    quiet = {"cwd": work, "env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "check": True}
+    subprocess.run(dvc + ["init", "--no-scm", "-q"], **quiet)
+    subprocess.run(dvc + ["repro", "-s", "prepare"], **quiet)
+    # The same params over other images: the converted backbone lands in .cache/features.
+    warm = work / "warm"
+    prepare.run(raw_dir=warm_raw, manifest=warm / "manifest.csv", classes_out=warm / "classes.json",
+                params=parse_params(p).data)
+    subprocess.run([sys.executable, "-m", "pipeline.extract", "--raw-dir", str(warm_raw), "--manifest",
+                    str(warm / "manifest.csv"), "--classes", str(warm / "classes.json"), "--train",
+                    str(warm / "train.h5"), "--val", str(warm / "val.h5"), "--test", str(warm / "test.h5"),
+                    "--cache-dir", ".cache/features"], **quiet)
+    t = time.perf_counter()
+    subprocess.run(dvc + ["repro", "-s", "extract"], **quiet)
+    wall = time.perf_counter() - t
+    return wall, json.loads((work / "reports" / "extract_metrics.json").read_text())
+
+
+def startup(work: Path, batch_size: int, rounds: int, n: int = 80) -> tuple[float, float]:
+    """Median wall seconds of the stage over ``n`` fresh images with the converted model cached, and with a
+    fresh cache (conversion and TensorFlow import included), rounds interleaved."""
+    cached, fresh = [], []
+    stage_run(subset(80, work / "su_warm", tag=b"w"), work / "su_cached", batch_size)  # converts once
+    for r in range(rounds):
+        _, wall, _ = stage_run(subset(n, work / f"su_c{r}", tag=b"c%d" % r), work / "su_cached", batch_size)
+        cached.append(wall)
+        _, wall, _ = stage_run(subset(n, work / f"su_f{r}", tag=b"f%d" % r), work / f"su_fresh{r}", batch_size)
+        fresh.append(wall)
+    return float(np.median(cached)), float(np.median(fresh))
 
 
 def frozen_epoch_seconds(raw: Path, manifest: Path, params) -> float:
@@ -170,11 +222,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of (a) and (a')")
     ap.add_argument("--rss-n", type=int, default=300, help="N of the memory test (10N is also run)")
     ap.add_argument("--no-memory", action="store_true", help="skip the head timing and the RSS runs")
+    ap.add_argument("--startup-rounds", type=int, default=3, help="interleaved rounds of the start-up runs")
+    ap.add_argument("--startup-only", action="store_true", help="only the start-up runs")
+    ap.add_argument("--stage-only", action="store_true",
+                    help="only (a), (a') and the whole-stage runs with the converted model cached")
     args = ap.parse_args()
     if not DATA.is_dir():
         sys.exit(f"{DATA} not found: the benchmark reads real JPEGs from ../shared/datasets")
     work = Path(tempfile.mkdtemp(prefix="extract-bench-"))
     try:
+        if args.startup_only:
+            c, f = startup(work, args.batch_size, args.startup_rounds)
+            print(f"start-up: the stage over 80 fresh images takes {c:.1f}s with the converted model cached, {f:.1f}s "
+                  f"with a fresh cache (TensorFlow import + conversion): {f - c:.1f}s saved, ratio {c / f:.2f} "
+                  f"(medians of {args.startup_rounds} interleaved rounds; load {os.getloadavg()[0]:.1f})", flush=True)
+            return
         raw = subset(args.n, work / "imgs")
         params = params_for(raw, args.batch_size)
         size = image_size(params.backbone)
@@ -190,6 +252,18 @@ def main() -> None:
         o = ceil["onnxruntime"]
         print(f"(a') compute-only, onnxruntime  {o:7.1f} img/s  = {o / a:.2f} x (a);  max |feature diff| {diff:.1e}",
               flush=True)
+        if args.stage_only:
+            _, wall, ms = stage_run(subset(80, work / "warm", tag=b"w"), work / "stage_run", args.batch_size)
+            _, wall, ms = stage_run(subset(args.n, work / "stage2", tag=b"t"), work / "stage_run", args.batch_size)
+            print(f"     whole stage, converted model cached: {ms['images'] / wall:.1f} img/s = "
+                  f"{ms['images'] / wall / a:.2f} x (a); its compute {ms['images_per_second']:.1f} img/s = "
+                  f"{ms['images_per_second'] / a:.2f} x (a)", flush=True)
+            wall, md = dvc_stage(subset(args.n, work / "dvc_imgs", tag=b"d"), subset(80, work / "dvc_warm", tag=b"w"),
+                                 work / "dvc_project", args.batch_size)
+            print(f"     dvc repro -s extract, converted model cached: {md['images'] / wall:.1f} img/s = "
+                  f"{md['images'] / wall / a:.2f} x (a); its compute {md['images_per_second']:.1f} img/s = "
+                  f"{md['images_per_second'] / a:.2f} x (a) (load {os.getloadavg()[0]:.1f})", flush=True)
+            return
         d = decode_only(paths, size, args.batch_size)
         print(f"     decode-only (thread pool)  {d:7.1f} img/s", flush=True)
         outs = {s: out / f"{s}.h5" for s in SPLITS}
@@ -211,6 +285,20 @@ def main() -> None:
         _, wall, ms = stage_run(subset(args.n, work / "stage", tag=b"s"), work / "stage_run", args.batch_size)
         print(f"     whole stage (python -m pipeline.extract, engine {ms['engine']}, start-up included): "
               f"{ms['images'] / wall:.1f} img/s = {ms['images'] / wall / a:.2f} x (a)", flush=True)
+        # A second stage run on other fresh images, same cache: the converted model is reused.
+        _, wall, ms = stage_run(subset(args.n, work / "stage2", tag=b"t"), work / "stage_run", args.batch_size)
+        print(f"     whole stage, converted model cached: {ms['images'] / wall:.1f} img/s = "
+              f"{ms['images'] / wall / a:.2f} x (a); its compute {ms['images_per_second']:.1f} img/s = "
+              f"{ms['images_per_second'] / a:.2f} x (a)", flush=True)
+        wall, md = dvc_stage(subset(args.n, work / "dvc_imgs", tag=b"d"), subset(80, work / "dvc_warm", tag=b"w"),
+                             work / "dvc_project", args.batch_size)
+        print(f"     dvc repro -s extract, converted model cached: {md['images'] / wall:.1f} img/s = "
+              f"{md['images'] / wall / a:.2f} x (a); its compute {md['images_per_second']:.1f} img/s = "
+              f"{md['images_per_second'] / a:.2f} x (a)", flush=True)
+        c, f = startup(work, args.batch_size, args.startup_rounds)
+        print(f"     start-up: the stage over 80 fresh images {c:.1f}s with the converted model cached, {f:.1f}s "
+              f"with a fresh cache: {f - c:.1f}s saved (medians of {args.startup_rounds} interleaved rounds)",
+              flush=True)
         if args.no_memory:
             return
 

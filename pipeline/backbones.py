@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import logging
 import re
-from pathlib import Path
 from typing import Optional
 
 import keras
 import numpy as np
 
-from pipeline.io_utils import sha256_file
 from pipeline.params import BackboneParams
-from pipeline.registry import BackboneError, get_spec
+from pipeline.registry import RANDOM_INIT_SEED, Backbone, BackboneError, get_spec, resolve
 
-__all__ = ["BackboneError", "Preprocess", "build_backbone", "backbone_provenance", "feature_provenance", "get_base",
-           "block_boundaries", "unfreeze_from", "unfreeze_start", "resolve_unfreeze_from", "image_size",
-           "resolve_weights", "count_params", "boundary_shares", "AUTO"]
+__all__ = ["AUTO", "Backbone", "BackboneError", "Preprocess", "resolve", "build_backbone", "backbone_provenance",
+           "feature_provenance", "get_base", "block_boundaries", "unfreeze_from", "unfreeze_start",
+           "resolve_unfreeze_from", "image_size", "resolve_weights", "count_params", "boundary_shares"]
 
 log = logging.getLogger(__name__)
 
@@ -57,72 +55,43 @@ class Preprocess(keras.layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
-RANDOM_INIT_SEED = 0
-
-
 def image_size(params: BackboneParams) -> int:
     """The input size in pixels: ``backbone.image_size`` or the backbone's native size."""
     return params.image_size or get_spec(params.name).default_size
 
 
 def resolve_weights(params: BackboneParams) -> tuple[Optional[str], str, Optional[str]]:
-    """``backbone.weights`` → (argument for the builder, weights id, sha256 of the file or None).
-
-    Checks that the file exists first, so an offline machine fails with instructions instead
-    of a network error deep inside Keras.
-    """
-    spec = get_spec(params.name)
-    w = params.weights
-    if w == "none":
-        return None, f"none:seed{RANDOM_INIT_SEED}", None
-    if w == "imagenet":
-        path = spec.imagenet(image_size(params))
-        return "imagenet", f"imagenet:{path.name}", sha256_file(path)
-    path = Path(w)
-    if not path.is_file():
-        raise BackboneError(
-            f"backbone.weights: {w!r} is neither 'imagenet', 'none' nor an existing file; "
-            "give the path to a weights file (.h5/.weights.h5, or .pth for efficientnet_lite0)"
-        )
-    return str(path), f"file:{path.name}", sha256_file(path)
+    """``backbone.weights`` → (argument for the builder, weights id, sha256 of the file or None)."""
+    b = resolve(params)
+    return b.weights_arg, b.weights_id, b.weights_sha256
 
 
-def build_backbone(params: BackboneParams) -> keras.Model:
+def build_backbone(params: "BackboneParams | Backbone") -> keras.Model:
     """Build the frozen feature extractor: ``(B, S, S, 3)`` float32 [0, 255] → ``(B, D)`` float32.
 
-    The convolutional base is a nested model named ``base``; its layers keep their
+    ``params``: the ``backbone`` params or the :class:`Backbone` they resolve to. The
+    convolutional base is a nested model named ``base``; its layers keep their
     keras.applications names so ``finetune.unfreeze_from`` can refer to them.
     """
-    spec = get_spec(params.name)
-    size = image_size(params)
-    weights_arg, _, _ = resolve_weights(params)
-    if weights_arg is None:
+    b = params if isinstance(params, Backbone) else resolve(params)
+    if b.weights_arg is None:
         # Random init must be the same in every stage, or the cached features would not be what
         # finetune's stacked model computes; a fixed seed makes "none" one reproducible backbone.
         keras.utils.set_random_seed(RANDOM_INIT_SEED)
-    base = spec.build(weights_arg, (size, size, 3))
+    base = b.spec.build(b.weights_arg, (b.size, b.size, 3))
     base.name = "base"  # type: ignore[misc]
     base.trainable = False
-    inputs = keras.Input((size, size, 3), dtype="float32", name="image")
-    x = Preprocess(spec.preprocessing, name="preprocess")(inputs)
+    inputs = keras.Input((b.size, b.size, 3), dtype="float32", name="image")
+    x = Preprocess(b.spec.preprocessing, name="preprocess")(inputs)
     x = base(x, training=False)
-    pool = keras.layers.GlobalAveragePooling2D if params.pooling == "avg" else keras.layers.GlobalMaxPooling2D
-    outputs = pool(name=f"{params.pooling}_pool")(x)
-    return keras.Model(inputs, outputs, name=f"backbone_{params.name}")
+    pool = keras.layers.GlobalAveragePooling2D if b.pooling == "avg" else keras.layers.GlobalMaxPooling2D
+    outputs = pool(name=f"{b.pooling}_pool")(x)
+    return keras.Model(inputs, outputs, name=f"backbone_{b.name}")
 
 
 def backbone_provenance(params: BackboneParams) -> dict:
     """What determines the features: compared by every stage that reads them."""
-    spec = get_spec(params.name)
-    _, weights_id, sha = resolve_weights(params)
-    return {
-        "backbone": params.name,
-        "weights_id": weights_id,
-        "weights_sha256": sha or "",
-        "image_size": image_size(params),
-        "pooling": params.pooling,
-        "preprocessing": f"pillow-rgb-exif-bilinear-squash;{spec.preprocessing}",
-    }
+    return resolve(params).provenance()
 
 
 def feature_provenance(params: BackboneParams, classes: list[str]) -> dict:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
-import keras
+if TYPE_CHECKING:
+    import keras
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +21,7 @@ ONNX_OPSET = 17
 INPUT_NAME = "images"
 
 
-def to_onnx(model: keras.Model, size: int, output_name: str = "outputs") -> bytes:
+def to_onnx(model: "keras.Model", size: int, output_name: str = "outputs") -> bytes:
     """``model`` ((B, S, S, 3) float32 → (B, D)) as a serialized ONNX graph: uint8 ``images`` → ``output_name``.
 
     The cast to float32 is inside the graph, as in :func:`pipeline.inference.compile_uint8`;
@@ -77,12 +79,13 @@ def _check_float32(proto, name: str) -> None:
 
 
 
-def to_tflite(model: keras.Model, size: int, output_name: str = "probabilities") -> bytes:
+def to_tflite(model: "keras.Model", size: int, output_name: str = "probabilities") -> bytes:
     """``model`` as a float32 TFLite flatbuffer: uint8 ``images`` ``(B, size, size, 3)`` → ``output_name``.
 
     Goes through a SavedModel with that one signature (what TensorFlow's converter reads);
     no optimization is requested, so every weight and activation stays float32.
     """
+    import keras
     import tensorflow as tf
 
     t0 = time.perf_counter()

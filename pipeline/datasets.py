@@ -1,20 +1,27 @@
-"""tf.data input pipelines over image files, decoded by :func:`pipeline.images.load_image`."""
+"""tf.data input pipelines over image files, decoded by :func:`pipeline.images.load_image`.
+
+TensorFlow is imported by the tf.data builders only: :func:`decode_ahead` serves ONNX Runtime's path without it.
+"""
 from __future__ import annotations
 
 import collections
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator, Optional, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence, TypeVar
 
 import numpy as np
-import tensorflow as tf
 
 from pipeline.images import load_image
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 T = TypeVar("T")
 
 
 def _decode_fn(size: int):
+    import tensorflow as tf
+
     def decode(path: tf.Tensor) -> tf.Tensor:
         # Pillow releases the GIL while it decodes and resizes, so parallel map calls overlap.
         img = tf.numpy_function(lambda p: load_image(p.decode("utf-8"), size), [path], tf.uint8, stateful=False)
@@ -31,6 +38,8 @@ def image_dataset(paths: Sequence[str], size: int, batch_size: int, labels: Opti
     Decoding runs in parallel with autotuned parallelism and the next batches are
     prefetched, so the model never waits on JPEG decoding; order is deterministic.
     """
+    import tensorflow as tf
+
     ds = tf.data.Dataset.from_tensor_slices(list(paths))
     if labels is not None:
         ds = tf.data.Dataset.zip((ds, tf.data.Dataset.from_tensor_slices(np.asarray(labels, np.int64))))

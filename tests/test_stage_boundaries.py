@@ -4,18 +4,15 @@
   others (pipeline.imports.import_closure), so an edit re-runs exactly the stages it can change;
 - a stage module imports no other stage module;
 - a stage's params are exactly what its module declares in PARAMS, and reading anything else fails;
-- the feature cache's key covers every module that decides feature values, and touching any of them
-  changes it.
+(the feature cache's key is tested in tests/test_feature_key.py).
 """
 import importlib
 import re
-import shutil
 
 import pytest
 import yaml
 from conftest import ROOT
 
-from pipeline.feature_cache import code_fingerprint, feature_code_files
 from pipeline.imports import import_closure
 from pipeline.params import ParamsError, load_params
 from pipeline.registry import REGISTRY
@@ -61,28 +58,6 @@ def test_reading_an_undeclared_param_fails_naming_the_stage():
         _ = params.seed
     with pytest.raises(ParamsError, match=r"stage extract read params 'head'"):
         _ = params.head.type
-
-
-def test_feature_code_covers_the_inference_path_the_backbone_and_the_augmented_views():
-    files = feature_code_files()
-    for f in ("pipeline/inference.py", "pipeline/engines.py", "pipeline/backbones.py", "pipeline/registry.py",
-              "pipeline/images.py", "pipeline/datasets.py", "pipeline/efficientnet_lite.py",
-              "pipeline/torch_legacy.py", "pipeline/augment.py"):
-        assert f in files
-    assert files == import_closure("pipeline.backbones", "pipeline.engines", "pipeline.inference", "pipeline.augment")
-
-
-def test_touching_any_feature_module_changes_the_cache_key(tmp_path):
-    shutil.copytree(ROOT / "pipeline", tmp_path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    base = code_fingerprint(tmp_path)
-    assert base == code_fingerprint(ROOT)
-    for name in feature_code_files():
-        path = tmp_path / name
-        original = path.read_bytes()
-        path.write_bytes(original + b"\n# touched\n")
-        assert code_fingerprint(tmp_path) != base, f"editing {name} does not change the feature cache key"
-        path.write_bytes(original)
-    assert code_fingerprint(tmp_path) == base
 
 
 def test_every_registered_backbone_is_documented():
