@@ -60,7 +60,7 @@ def test_the_feature_code_reaches_decode_augment_network_and_engines():
     ("pipeline/extract.py", "WRITE_BLOCK = 1024", "WRITE_BLOCK = 2048"),
     # A definition nothing on the feature path calls.
     ("pipeline/augment.py", "def augment_uint8(", "def _unused():\n    pass\n\n\ndef augment_uint8("),
-    ("pipeline/models.py", "def write_history(", "UNUSED = 1\n\n\ndef write_history("),
+    ("pipeline/training.py", "def write_history(", "UNUSED = 1\n\n\ndef write_history("),
 ])
 def test_edits_that_cannot_change_features_keep_the_key(project, name, old, new):
     before = code_fingerprint(project)
