@@ -140,8 +140,9 @@ def set_keras_precision(precision: str) -> None:
     keras.mixed_precision.set_global_policy(precision)
 
 
-def onnx_session(onnx_bytes: bytes, threads: Optional[int] = None):
-    """An ONNX Runtime CPU session for ``onnx_bytes`` (all graph optimizations, which keep float32).
+def onnx_session(onnx_bytes: "bytes | str", threads: Optional[int] = None):
+    """An ONNX Runtime CPU session for ``onnx_bytes`` (a model, or its path; all graph optimizations, which keep
+    float32).
 
     ``threads``: its intra-op pool; None = the cores this process may use.
     """

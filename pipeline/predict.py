@@ -16,22 +16,18 @@ Not a DVC stage: a tool for after ``dvc repro``.
 from __future__ import annotations
 
 import argparse
-import collections
-import itertools
 import json
 import logging
-import os
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
-# Only modules that import neither TensorFlow nor Keras (tests/test_predict.py checks it).
-from pipeline.images import IMAGE_EXTENSIONS, load_image
+# Only modules that import neither TensorFlow nor Keras at import time (tests/test_predict.py checks it).
+from pipeline.engines import onnx_session
+from pipeline.images import IMAGE_EXTENSIONS
+from pipeline.inference import Infer, batched_outputs
 from pipeline.io_utils import PipelineError, setup_logging, sha256_file, user_errors, write_csv, write_json
 from pipeline.scanning import image_files
 
@@ -42,7 +38,6 @@ META_NAME = "serving.json"  # written by the export stage beside the .onnx file
 EXPORT_HINT = "the `export` stage writes it: run `dvc repro export` (after training)"
 FORMATS = ("csv", "json")
 
-Infer = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -90,15 +85,9 @@ def collect_images(inputs: Sequence[str | Path]) -> list[str]:
     return out
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def load_onnx(model_path: Path, meta_path: Optional[Path] = None) -> LoadedModel:
     """The exported ``model_path`` on ONNX Runtime's CPU provider, described by ``meta_path``
     (default: ``serving.json`` beside it), whose recorded sha256 the file must match."""
-    import onnxruntime as ort
-
     meta_path = meta_path or model_path.parent / META_NAME
     if not model_path.is_file():
         raise PipelineError(f"{model_path}: no exported model there; {EXPORT_HINT}, or pass --model")
@@ -117,12 +106,7 @@ def load_onnx(model_path: Path, meta_path: Optional[Path] = None) -> LoadedModel
                             "--meta")
     classes, size = list(meta["class_names"]), int(meta["image_size"])
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = _cores()  # the cores this process may use, not the host's count
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    session = onnx_session(str(model_path))
     (inp,) = session.get_inputs()
     outputs = [o.name for o in session.get_outputs()]
     if "probabilities" not in outputs or inp.type != "tensor(uint8)" or list(inp.shape[1:]) != [size, size, 3]:
@@ -153,53 +137,20 @@ def load_keras(model_path: Path, batch_size: int, engine: str = "auto") -> Loade
     return LoadedModel(compile_engine(model, size, chosen, batch_size), list(meta["class_names"]), size, info)
 
 
-def _decode(path: str, size: int) -> tuple[Optional[np.ndarray], str]:
-    try:
-        return load_image(path, size), ""
-    except ValueError as exc:  # load_image wraps every decoding failure in ImageDecodeError
-        return None, str(exc)
-    except Exception as exc:  # anything else about one file (permissions, vanished, …) must not end the run
-        return None, f"{type(exc).__name__}: {exc}"
-
-
-def decoded_batches(paths: Sequence[str], size: int, batch_size: int,
-                    progress: bool = True) -> Iterator[list[tuple[Optional[np.ndarray], str]]]:
-    """Consecutive batches of ``paths`` as (``(size, size, 3)`` uint8 image or None, error) pairs,
-    decoded in a thread pool up to two batches ahead (Pillow releases the GIL while decoding)."""
-    workers = min(_cores(), 8)
-    with ThreadPoolExecutor(workers) as pool, \
-            tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, file=sys.stderr) as bar:
-        pending: collections.deque = collections.deque()
-        todo = iter(paths)
-
-        def refill() -> None:
-            for p in itertools.islice(todo, 2 * batch_size - len(pending)):
-                pending.append(pool.submit(_decode, p, size))
-
-        refill()
-        while pending:
-            batch = [pending.popleft().result() for _ in range(min(batch_size, len(pending)))]
-            refill()
-            bar.update(len(batch))
-            yield batch
-
-
 def predict_paths(infer: Infer, paths: Sequence[str], size: int, batch_size: int = 32,
                   progress: bool = True) -> Iterable[Prediction]:
-    """Yield one :class:`Prediction` per path, in order: decode, run ``infer`` on the batch's good images."""
-    batches = decoded_batches(paths, size, batch_size, progress)
-    start = 0
-    for batch in batches:
-        images = [img for img, _ in batch if img is not None]
-        probs = np.asarray(infer(np.stack(images)), np.float32) if images else None
+    """Yield one :class:`Prediction` per path, in order, through evaluate's image → probabilities path
+    (:func:`pipeline.inference.batched_outputs`; a file that does not decode gets its error)."""
+    batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+    outputs = batched_outputs(infer, paths, size, batch_size, tolerant=True, desc="predict", progress=progress)
+    for batch, (probs, errors) in zip(batches, outputs):
         k = 0
-        for path, (img, err) in zip(paths[start:start + len(batch)], batch):
-            if img is None:
+        for path, err in zip(batch, errors):
+            if err:
                 yield Prediction(path, None, err)
             else:
-                yield Prediction(path, probs[k])
+                yield Prediction(path, np.asarray(probs[k], np.float32))
                 k += 1
-        start += len(batch)
 
 
 def _fmt(v: float) -> str:
