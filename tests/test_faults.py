@@ -303,7 +303,7 @@ def test_read_only_output_folder_fails_cleanly(project, tmp_path):
 def test_output_folder_that_is_a_file_fails_cleanly(tmp_path):
     """The unwritable-destination case for every user, root included (root writes into read-only folders, so
     the test above skips as root, which is how CI runs): the outputs' folder is a user's regular file."""
-    raw = make_images(tmp_path / "raw", per_class=6)
+    raw = make_images(tmp_path / "raw", per_class=12)
     params = as_params(tiny_params(str(raw)))
     blocker = tmp_path / "reports"
     blocker.write_bytes(b"the user's own file, not a folder")
