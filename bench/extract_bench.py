@@ -159,6 +159,8 @@ def dvc_stage(raw: Path, warm_raw: Path, work: Path, batch_size: int) -> tuple[f
     work.mkdir(parents=True)
     shutil.copytree(ROOT / "pipeline", work / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
+    (work / "data").mkdir()
+    shutil.copy(ROOT / "data" / "exclude.txt", work / "data" / "exclude.txt")  # a prepare dep
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
     p["data"].update(raw_dir=str(raw), val_fraction=0.15, test_fraction=0.15)
     p["extract"].update(batch_size=batch_size, augmented_views=0)
