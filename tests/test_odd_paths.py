@@ -7,7 +7,7 @@ import json
 
 import pytest
 import yaml
-from conftest import make_images, new_tiny_project, ran_stages, run_dvc
+from conftest import ROOT, make_images, new_tiny_project, ran_stages, run_dvc
 
 from pipeline.manifest import read_manifest
 
@@ -28,16 +28,29 @@ def test_repro_reads_a_raw_dir_named_with_spaces_accents_and_a_quote(tmp_path):
     proj = new_tiny_project(tmp_path / "project d'été")
     raw = make_images(tmp_path / ODD, per_class=12)
     _set_raw_dir(proj, str(raw), epochs=1)
-    out = run_dvc(proj, "repro", "evaluate")
-    assert ran_stages(out) == {"prepare", "extract", "train_head", "finetune", "evaluate"}, out
+    # Every stage that reads data.raw_dir (export does not, and is slow).
+    out = run_dvc(proj, "repro", "evaluate", "audit")
+    assert ran_stages(out) == {"prepare", "extract", "audit", "train_head", "finetune", "evaluate"}, out
     assert len(read_manifest(proj / "data" / "prepared" / "manifest.csv")) == 36
     assert "finetuned" in json.loads((proj / "reports" / "metrics.json").read_text())
+    assert json.loads((proj / "reports" / "audit.json").read_text())["images"] > 0
     # DVC tracks that very folder: nothing changed, nothing runs; a new image re-runs from prepare.
-    assert ran_stages(run_dvc(proj, "repro", "evaluate")) == set()
+    assert ran_stages(run_dvc(proj, "repro", "evaluate", "audit")) == set()
     make_images(tmp_path / "more", per_class=1)
     (tmp_path / "more" / "circle" / "circle_000.png").rename(raw / "circle" / "new one é.png")
     assert "prepare" in ran_stages(run_dvc(proj, "repro", "prepare"))
     assert len(read_manifest(proj / "data" / "prepared" / "manifest.csv")) == 37
+
+
+def test_every_command_quotes_raw_dir():
+    """A static check over dvc.yaml: an unquoted ${data.raw_dir} splits at the first space of a user's path."""
+    import re
+
+    for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
+        cmds = stage["cmd"] if isinstance(stage["cmd"], list) else [stage["cmd"]]
+        for cmd in cmds:
+            bare = re.findall(r'(?<!")\$\{data\.raw_dir\}', cmd)
+            assert not bare, f"dvc.yaml stage {name}: quote ${{data.raw_dir}} in {cmd!r}"
 
 
 @pytest.fixture(scope="module")
