@@ -25,6 +25,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 # Only modules that import neither TensorFlow nor Keras at import time (tests/test_predict.py checks it).
+from pipeline import tta as tta_views
 from pipeline.engines import onnx_session
 from pipeline.images import IMAGE_EXTENSIONS
 from pipeline.inference import Infer, batched_outputs
@@ -214,9 +215,12 @@ def summary(preds: Sequence[Prediction], min_confidence: float) -> dict[str, int
 
 def run(*, inputs: Sequence[str | Path], model_path: Path = DEFAULT_MODEL, meta_path: Optional[Path] = None,
         out: Path = Path("predictions.csv"), fmt: str = "csv", top_k: int = 0, min_confidence: float = 0.0,
-        batch_size: int = 32, progress: bool = True, engine: str = "auto") -> list[Prediction]:
+        batch_size: int = 32, progress: bool = True, engine: str = "auto", tta: bool = False) -> list[Prediction]:
     """Predict every image in ``inputs`` with ``model_path`` (``.onnx``: ONNX Runtime, metadata from
-    ``meta_path``; ``.keras``: TensorFlow on ``engine``); write ``out`` as ``fmt``; return the predictions."""
+    ``meta_path``; ``.keras``: TensorFlow on ``engine``); write ``out`` as ``fmt``; return the predictions.
+
+    ``tta``: average each image's probabilities over the views of :data:`pipeline.tta.TTA_VIEWS` (the image
+    and its mirror), as ``evaluate.tta`` does; twice the inference."""
     if fmt not in FORMATS:
         raise PipelineError(f"unknown output format {fmt!r}; use one of {FORMATS}")
     if not 0.0 <= min_confidence <= 1.0:
@@ -235,13 +239,19 @@ def run(*, inputs: Sequence[str | Path], model_path: Path = DEFAULT_MODEL, meta_
     if top_k > len(classes):
         log.warning("--top-k %d: the model has %d classes; listing all of them", top_k, len(classes))
         top_k = len(classes)
-    log.info("%d images, model %s (%d classes, %d px) on %s", len(paths), model_path, len(classes), loaded.size,
-             loaded.info["runtime"])
-    preds = list(predict_paths(loaded.infer, paths, loaded.size, batch_size, progress))
+    views = tta_views.TTA_VIEWS if tta else ("original",)
+    log.info("%d images, model %s (%d classes, %d px) on %s, views: %s", len(paths), model_path, len(classes),
+             loaded.size, loaded.info["runtime"], ", ".join(views))
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        return tta_views.predict(loaded.infer, batch, views) if tta else loaded.infer(batch)
+
+    preds = list(predict_paths(infer, paths, loaded.size, batch_size, progress))
     if fmt == "csv":
         write_csv(out, *prediction_rows(preds, classes, top_k, min_confidence))
     else:
-        write_json(out, {"model": loaded.info, "classes": classes, "min_confidence": min_confidence,
+        write_json(out, {"model": loaded.info, "classes": classes, "tta_views": list(views),
+                         "min_confidence": min_confidence,
                          "summary": summary(preds, min_confidence),
                          "predictions": prediction_records(preds, classes, top_k, min_confidence)})
     for p in preds:
@@ -269,6 +279,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     ap.add_argument("--engine", choices=("auto", "tensorflow", "onnxruntime"), default=None,
                     help="for a .keras model only: auto (default) = tensorflow on a GPU, onnxruntime on CPU")
+    ap.add_argument("--tta", action="store_true",
+                    help="test-time augmentation: average each image's probabilities over it and its left-right "
+                         "mirror, as evaluate.tta does (twice the inference; docs/trust.md has when it helps)")
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         ap.error("--batch-size must be >= 1")
@@ -284,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     with user_errors():
         preds = run(inputs=args.inputs, model_path=args.model, meta_path=args.meta, out=out, fmt=fmt,
                     top_k=args.top_k, min_confidence=args.min_confidence, batch_size=args.batch_size,
-                    engine=args.engine or "auto")
+                    engine=args.engine or "auto", tta=args.tta)
         n = summary(preds, args.min_confidence)
         print(f"{n['images']} images: {n['predicted']} predicted, {n['uncertain']} uncertain, "
               f"{n['unreadable']} unreadable -> {out}", flush=True)

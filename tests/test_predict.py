@@ -172,6 +172,36 @@ def test_json_top_k_and_min_confidence(tiny_dvc_project: Path, tmp_path: Path):
     assert recs[-1]["probabilities"] is None and recs[-1]["uncertain"] is None and recs[-1]["error"]
 
 
+def test_tta_averages_the_image_and_its_mirror(tiny_dvc_project: Path, tmp_path: Path):
+    """--tta (CLI, still TensorFlow-free) gives each image the mean of the model's probabilities on it and on
+    its left-right mirror. Images at the model's size, PNG: decoding adds no resize, so the mirror file decodes
+    to exactly the mirrored pixels and the mean is computable from two plain predictions."""
+    from conftest import render
+    from PIL import Image
+
+    proj = tiny_dvc_project
+    size = json.loads((proj / "models" / "serving.json").read_text())["image_size"]
+    src, mirrored = tmp_path / "src", tmp_path / "mirrored"
+    src.mkdir()
+    mirrored.mkdir()
+    for i, label in enumerate(("circle", "square", "stripes", "circle")):
+        img = render(label, np.random.default_rng([99, i]), size)
+        img.save(src / f"{i}.png")
+        img.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(mirrored / f"{i}.png")
+    model = proj / "models" / "model.onnx"
+    plain = np.stack([p.probs for p in run(inputs=[src], model_path=model, out=tmp_path / "a.csv", progress=False)])
+    flip = np.stack([p.probs for p in run(inputs=[mirrored], model_path=model, out=tmp_path / "b.csv",
+                                          progress=False)])
+    assert np.abs(plain - flip).max() > 1e-3  # the mirror is a different input to the model: the test can fail
+    proc = _predict_cli(proj, str(src), "--tta", "--out", str(tmp_path / "t.json"))
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY:\n" in proc.stderr, proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "t.json").read_text())
+    assert doc["tta_views"] == ["original", "hflip"]
+    got = np.array([[r["probabilities"][c] for c in doc["classes"]] for r in doc["predictions"]])
+    np.testing.assert_allclose(got, (plain + flip) / 2, atol=2e-6)
+
+
 def test_missing_or_mismatched_export_says_which_command_makes_it(tiny_dvc_project: Path, tmp_path: Path):
     proj = tiny_dvc_project
     image = next((proj / "data" / "raw" / "square").glob("*.png"))
