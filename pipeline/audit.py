@@ -11,8 +11,12 @@ Four reports, every row naming the image path (relative to ``data.raw_dir``) and
   train image is averaged over the image and its views (``audit.views``; val and test images
   have no cached views and are scored on the image alone);
 - **near-duplicates**: pairs of images whose clean features have cosine similarity
-  ``>= audit.duplicate_threshold``, most similar first; a pair in two splits is leakage (the
-  test image was, in effect, trained on) and is counted apart;
+  ``>= audit.duplicate_threshold``, or whose perceptual hashes (:func:`imagehash.phash`, 64 bits
+  of the image's low-frequency DCT) differ in at most ``audit.duplicate_hash_bits`` bits, most
+  similar first; a pair in two splits is leakage (the test image was, in effect, trained on) and
+  is counted apart. The two signals fail differently: features see a resized or heavily
+  re-encoded copy of a busy photo as no closer than another photo of the same scene, while the
+  hash barely moves under either;
 - **outliers**: images unlike any other image of the dataset, by cleanlab's
   :class:`cleanlab.outlier.OutOfDistribution` (mean cosine distance to the k nearest neighbours
   in feature space), flagged beyond Tukey's far-out fence of that distance;
@@ -34,6 +38,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import imagehash
 import numpy as np
 from joblib import Parallel, delayed
 from PIL import Image, ImageDraw, ImageFont
@@ -41,6 +46,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from threadpoolctl import threadpool_limits
+from tqdm import tqdm
 
 from pipeline.features import FeatureSet, read_features
 from pipeline.images import ImageDecodeError, load_image
@@ -54,12 +60,15 @@ log = logging.getLogger(__name__)
 PARAMS = ("seed", "audit")
 
 LABEL_ISSUES_HEADER = ("path", "split", "given_label", "suggested_label", "score")
-DUPLICATES_HEADER = ("path_a", "path_b", "split_a", "split_b", "similarity")
+DUPLICATES_HEADER = ("path_a", "path_b", "split_a", "split_b", "similarity", "hash_bits")
 OUTLIERS_HEADER = ("path", "split", "given_label", "score")
 IMBALANCE_HEADER = ("label", "train", "val", "test", "total", "train_share_of_largest", "flagged")
 
 # Rows of the similarity matrix computed at a time: a (BLOCK, N) float32 block, 16 MB at N = 4,000.
 BLOCK = 1024
+# Side of the square the images are decoded to for hashing (pHash resizes to 32 x 32 itself; 64
+# lets libjpeg decode at 1/8 scale).
+HASH_DECODE_SIZE = 64
 
 
 @dataclass
@@ -84,7 +93,7 @@ class AuditResult:
     probs: np.ndarray
     quality: np.ndarray
     label_issues: np.ndarray
-    pairs: list[tuple[int, int, float]]
+    pairs: list[tuple[int, int, float, int]]
     outliers: np.ndarray
     metrics: dict
 
@@ -209,20 +218,43 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.where(n > 0, n, 1.0)
 
 
-def near_duplicates(features: np.ndarray, threshold: float) -> list[tuple[int, int, float]]:
-    """Pairs (i < j) whose cosine similarity is ``>= threshold`` → [(i, j, similarity)], most similar first.
+def near_duplicates(features: np.ndarray, threshold: float, hashes: np.ndarray | None = None,
+                    max_bits: int = -1) -> list[tuple[int, int, float, int]]:
+    """Pairs (i < j) whose cosine similarity is ``>= threshold``, or whose ``hashes`` (N,) uint64
+    differ in ``<= max_bits`` bits (``max_bits`` -1 or no hashes: similarity alone)
+    → [(i, j, similarity, differing bits or -1 without hashes)], most similar first.
 
-    The (N, N) similarity is computed in row blocks, so memory is (BLOCK, N), not N².
+    Both (N, N) matrices are computed in row blocks, so memory is (BLOCK, N), not N².
     """
     u = unit_rows(features.astype(np.float32))
+    use_hash = hashes is not None and max_bits >= 0
     pairs = []
     for a in range(0, len(u), BLOCK):
         sim = u[a:a + BLOCK] @ u.T
-        rows, cols = np.nonzero(sim >= threshold)
+        hit = sim >= threshold
+        if use_hash:
+            bits = np.bitwise_count(hashes[a:a + BLOCK, None] ^ hashes[None, :])
+            hit |= bits <= max_bits
+        rows, cols = np.nonzero(hit)
         keep = cols > rows + a
-        pairs += [(int(i + a), int(j), float(sim[i, j])) for i, j in zip(rows[keep], cols[keep])]
+        pairs += [(int(i + a), int(j), float(sim[i, j]), int(bits[i, j]) if use_hash else -1)
+                  for i, j in zip(rows[keep], cols[keep])]
     pairs.sort(key=lambda t: (-t[2], t[0], t[1]))
     return pairs
+
+
+def perceptual_hashes(raw_dir: Path, paths: list[str], progress: bool = True) -> np.ndarray:
+    """64-bit pHash of every image (decoded by :func:`pipeline.images.load_image`, the one decoder) → (N,) uint64."""
+    out = np.zeros(len(paths), np.uint64)
+    for k, rel in enumerate(tqdm(paths, desc="perceptual hashes", unit="img", disable=not progress)):
+        try:
+            img = Image.fromarray(load_image(str(raw_dir / rel), HASH_DECODE_SIZE))
+        except ImageDecodeError as exc:
+            raise PipelineError(f"{exc}; the audit decodes every image of the manifest: re-run `dvc repro prepare`"
+                                ) from exc
+        bits = imagehash.phash(img).hash.reshape(-1)
+        out[k] = int("".join("1" if b else "0" for b in bits), 2)
+    return out
 
 
 def outliers(features: np.ndarray, params: AuditParams) -> tuple[np.ndarray, np.ndarray]:
@@ -332,10 +364,12 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, features: dict[str
         (pool.paths[i], pool.splits[i], classes[pool.labels[i]], classes[suggested[i]], round(float(quality[i]), 6))
         for i in flagged])
 
-    pairs = near_duplicates(pool.features, p.duplicate_threshold)
+    hashes = perceptual_hashes(raw_dir, pool.paths) if p.duplicate_hash_bits >= 0 else None
+    pairs = near_duplicates(pool.features, p.duplicate_threshold, hashes, p.duplicate_hash_bits)
     write_csv(duplicates_out, DUPLICATES_HEADER, [
-        (pool.paths[i], pool.paths[j], pool.splits[i], pool.splits[j], round(sim, 6)) for i, j, sim in pairs])
-    cross = [(i, j, sim) for i, j, sim in pairs if pool.splits[i] != pool.splits[j]]
+        (pool.paths[i], pool.paths[j], pool.splits[i], pool.splits[j], round(sim, 6), "" if bits < 0 else bits)
+        for i, j, sim, bits in pairs])
+    cross = [t for t in pairs if pool.splits[t[0]] != pool.splits[t[1]]]
 
     odd, ood_scores = outliers(pool.features, p)
     write_csv(outliers_out, OUTLIERS_HEADER, [
@@ -351,9 +385,10 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, features: dict[str
         for i in flagged[:n]], "no label issues found")
     contact_sheet(gallery_dir / "near_duplicates.png", raw_dir, [
         ([pool.paths[i], pool.paths[j]], [(pool.paths[i], "black"), (pool.paths[j], "black"),
-                                          (f"{pool.splits[i]} / {pool.splits[j]}, similarity {sim:.4f}",
+                                          (f"{pool.splits[i]} / {pool.splits[j]}, similarity {sim:.4f}"
+                                           + ("" if bits < 0 else f", hash {bits} bits"),
                                            "red" if pool.splits[i] != pool.splits[j] else "black")])
-        for i, j, sim in (cross + [t for t in pairs if pool.splits[t[0]] == pool.splits[t[1]]])[:n]],
+        for i, j, sim, bits in (cross + [t for t in pairs if pool.splits[t[0]] == pool.splits[t[1]]])[:n]],
         "no near-duplicates found")
     contact_sheet(gallery_dir / "outliers.png", raw_dir, [
         ([pool.paths[i]], [(pool.paths[i], "black"), (f"{pool.splits[i]}, {classes[pool.labels[i]]}", "black"),

@@ -203,6 +203,9 @@ class AuditParams:
     views: bool = True
     # Cosine similarity of the clean features at or above which two images are near-duplicates.
     duplicate_threshold: float = field(default=0.9, metadata=_range(0.0, 1.0, lo_open=True))
+    # Two images whose 64-bit perceptual hashes (imagehash.phash) differ in at most this many bits
+    # are near-duplicates too, whatever their feature similarity; -1: off.
+    duplicate_hash_bits: int = field(default=6, metadata=_range(-1, 64))
     # Neighbours of cleanlab's kNN out-of-distribution score.
     outlier_neighbors: int = field(default=10, metadata=_range(1, 1000))
     # A class with fewer train images than this share of the largest class's is flagged.

@@ -117,13 +117,42 @@ def test_near_duplicates_blockwise_equals_brute_force(monkeypatch):
     rng = np.random.default_rng(3)
     x = rng.normal(0, 1, (50, 8)).astype(np.float32)
     x[30] = x[4] * 2.0  # same direction: similarity 1
+    hashes = rng.integers(0, 2**63, 50, dtype=np.uint64)
+    hashes[41] = hashes[7] ^ np.uint64(0b10110)  # 3 bits apart, features unrelated
     monkeypatch.setattr(audit, "BLOCK", 7)  # blocks that do not divide N
     got = audit.near_duplicates(x, 0.6)
     u = x / np.linalg.norm(x, axis=1, keepdims=True)
     s = u @ u.T
     want = {(i, j) for i in range(50) for j in range(i + 1, 50) if s[i, j] >= 0.6}
-    assert {(i, j) for i, j, _ in got} == want and got[0][:2] == (4, 30)
+    assert {(i, j) for i, j, *_ in got} == want and got[0][:2] == (4, 30)
     assert [p[2] for p in got] == sorted((p[2] for p in got), reverse=True)
+    assert all(p[3] == -1 for p in got)
+    # With hashes: the same pairs plus those within max_bits, each with its exact bit count.
+    bits = np.array([[bin(int(a) ^ int(b)).count("1") for b in hashes] for a in hashes])
+    got = audit.near_duplicates(x, 0.6, hashes, 3)
+    assert {(i, j) for i, j, *_ in got} == want | {(i, j) for i in range(50) for j in range(i + 1, 50)
+                                                   if bits[i, j] <= 3}
+    assert (7, 41, float(s[7, 41]), 3) in [(i, j, pytest.approx(v, abs=1e-6), b) for i, j, v, b in got]
+    assert all(b == bits[i, j] for i, j, _, b in got)
+    assert {(i, j) for i, j, *_ in audit.near_duplicates(x, 0.6, hashes, -1)} == want
+
+
+def test_perceptual_hash_pairs_a_resized_reencoded_copy_and_not_distinct_images(tmp_path):
+    """pHash of real decoded files: a copy at 60 % size, re-saved as JPEG quality 40, is within a few bits
+    of its original; distinct generated images are far apart."""
+    from PIL import Image
+
+    raw = make_images(tmp_path / "raw", classes=CLASSES, per_class=6, size=160)
+    src = raw / "circle" / "circle_000.png"
+    img = Image.open(src).convert("RGB")
+    img.resize((96, 96), Image.Resampling.BILINEAR).save(raw / "circle" / "copy.jpg", quality=40)
+    paths = sorted(str(p.relative_to(raw)) for p in raw.rglob("*.*"))
+    h = audit.perceptual_hashes(raw, paths, progress=False)
+    bits = np.bitwise_count(h[:, None] ^ h[None, :])
+    a, b = paths.index("circle/circle_000.png"), paths.index("circle/copy.jpg")
+    assert bits[a, b] <= 4, bits[a, b]
+    others = [bits[i, j] for i in range(len(paths)) for j in range(i + 1, len(paths)) if {i, j} != {a, b}]
+    assert min(others) > 6, sorted(others)[:5]
 
 
 def test_outliers_flag_an_image_unlike_the_rest_and_none_in_clean_clusters():
