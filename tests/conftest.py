@@ -121,6 +121,27 @@ def as_params(raw: dict) -> Params:
     return parse_params(raw)
 
 
+def pipeline_until_head(tmp_path: Path, per_class: int = 12, **overrides) -> tuple[Path, Path, dict, Params]:
+    """Tiny images (``per_class`` per class) through the real prepare → extract → train_head, with
+    :func:`tiny_params` and ``overrides`` (dotted keys), into ``tmp_path / "out"``.
+
+    Returns (raw image folder, out folder, split → feature file, Params).
+    """
+    from pipeline import extract, prepare, train_head
+    from pipeline.manifest import SPLITS
+
+    raw = make_images(tmp_path / "raw", per_class=per_class)
+    params = as_params(tiny_params(str(raw), **overrides))
+    out = tmp_path / "out"
+    prepare.run(raw_dir=raw, manifest=out / "manifest.csv", classes_out=out / "classes.json", params=params.data)
+    feats = {s: out / f"{s}.h5" for s in SPLITS}
+    extract.run(raw_dir=raw, manifest=out / "manifest.csv", classes_json=out / "classes.json", outs=feats,
+                params=params)
+    train_head.run(train_h5=feats["train"], val_h5=feats["val"], classes_json=out / "classes.json",
+                   head_out=out / "head.keras", metrics_out=out / "m.json", history_out=out / "h.csv", params=params)
+    return raw, out, feats, params
+
+
 def shared_dataset(name: str) -> Path:
     path = SHARED / name
     if not path.is_dir():

@@ -12,10 +12,9 @@ import subprocess
 import sys
 
 import yaml
-from conftest import ROOT, as_params, make_images, tiny_params
+from conftest import ROOT, pipeline_until_head, tiny_params
 
-from pipeline import extract, prepare, train_head
-from pipeline.manifest import SPLITS, read_manifest
+from pipeline.manifest import read_manifest
 
 CHILD = r'''
 import json, sys
@@ -62,22 +61,13 @@ def _rows(csv_text: str) -> list[list[float]]:
 
 
 def test_two_replicas_match_one_device_and_resume_works(tmp_path):
-    raw = make_images(tmp_path / "raw", per_class=13)
     # Large enough a learning rate that the weights really move and a trained epoch is kept (so equality is not
     # trivial), small enough not to diverge: at 3e-3 (6e-3 after the 2-replica scaling) the val loss went 3.1 → 8.8
     # and both runs kept the head-only epoch 0. No EMA: the average over this run's 6 steps would stay at the head.
     overrides = {"finetune.epochs": 2, "finetune.learning_rate": 1e-3, "finetune.optimizer": "sgd",
                  "finetune.ema": 0.0, "finetune.patience": 5, "extract.augmented_views": 0}
-    p = tiny_params(str(raw), **overrides)
-    params = as_params(p)
-    out = tmp_path / "out"
-    prepare.run(raw_dir=raw, manifest=out / "manifest.csv", classes_out=out / "classes.json", params=params.data)
-    feats = {s: out / f"{s}.h5" for s in SPLITS}
-    extract.run(raw_dir=raw, manifest=out / "manifest.csv", classes_json=out / "classes.json", outs=feats,
-                params=params)
-    train_head.run(train_h5=feats["train"], val_h5=feats["val"], classes_json=out / "classes.json",
-                   head_out=out / "head.keras", metrics_out=out / "m.json", history_out=out / "h.csv", params=params)
-    (out / "params.yaml").write_text(yaml.safe_dump(p))
+    raw, out, _, _ = pipeline_until_head(tmp_path, per_class=13, **overrides)
+    (out / "params.yaml").write_text(yaml.safe_dump(tiny_params(str(raw), **overrides)))
     # An even training split: the 2-replica run then uses every image, as the 1-device run does
     # (with an odd one it would leave one out per epoch, see pipeline.train_stream.training_stream).
     n_train = len(read_manifest(out / "manifest.csv", splits=("train",)))

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline import extract, finetune, prepare, train_head
+from pipeline import finetune
 from pipeline.activations import ActivationCache, Activations, cache_key, view_key
 from pipeline.augment import augment_uint8
 from pipeline.augment import view_key as extract_view_key
@@ -31,28 +31,18 @@ from pipeline.backbones import (
 from pipeline.engines import compile_engine
 from pipeline.images import load_batch
 from pipeline.io_utils import library_versions, read_json
-from pipeline.manifest import SPLITS, read_manifest
+from pipeline.manifest import read_manifest
 from pipeline.models import build_stacked, load_model
 from pipeline.split import split_at
 from pipeline.train_stream import epoch_view
-from tests.conftest import as_params, make_images, tiny_params
+from tests.conftest import pipeline_until_head
 
 # float16 keeps 11 significant bits: relative rounding <= 2^-11 ≈ 4.9e-4; ONNX Runtime vs TensorFlow
 # adds ~1e-5 absolute (features within 1e-5, README "Inference engines").
 REL_TOL, ABS_TOL = 1e-3, 1e-3
 
 
-def _project(tmp_path: Path, **overrides):
-    raw = make_images(tmp_path / "raw", per_class=12)
-    params = as_params(tiny_params(str(raw), **overrides))
-    out = tmp_path / "out"
-    prepare.run(raw_dir=raw, manifest=out / "manifest.csv", classes_out=out / "classes.json", params=params.data)
-    feats = {s: out / f"{s}.h5" for s in SPLITS}
-    extract.run(raw_dir=raw, manifest=out / "manifest.csv", classes_json=out / "classes.json", outs=feats,
-                params=params)
-    train_head.run(train_h5=feats["train"], val_h5=feats["val"], classes_json=out / "classes.json",
-                   head_out=out / "head.keras", metrics_out=out / "m.json", history_out=out / "h.csv", params=params)
-    return raw, out, feats, params
+_project = pipeline_until_head
 
 
 def test_stored_activations_are_the_full_models_boundary_and_extracts_views(tmp_path):

@@ -1,14 +1,13 @@
 """Heads, backbones and the stacking parity that ties extract, train_head and finetune together."""
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
-from conftest import as_params, make_images, tiny_params
+from conftest import as_params, pipeline_until_head, tiny_params
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from pipeline import extract, finetune, prepare, train_head
+from pipeline import finetune, train_head
 from pipeline.backbones import (
     BackboneError,
     block_boundaries,
@@ -20,7 +19,6 @@ from pipeline.backbones import (
 )
 from pipeline.features import ProvenanceError, read_features
 from pipeline.images import load_batch
-from pipeline.manifest import SPLITS
 from pipeline.models import build_head, build_stacked, load_model, logreg_to_dense_weights
 from pipeline.params import parse_params
 
@@ -43,17 +41,7 @@ def test_logreg_head_equals_sklearn(n_classes):
     assert np.abs(ref - 0.5).min() < 0.45  # probabilities are not trivially 0/1 everywhere
 
 
-def _pipeline_until_head(tmp_path: Path, **overrides):
-    raw = make_images(tmp_path / "raw", per_class=12)
-    params = as_params(tiny_params(str(raw), **overrides))
-    out = tmp_path / "out"
-    prepare.run(raw_dir=raw, manifest=out / "manifest.csv", classes_out=out / "classes.json", params=params.data)
-    feats = {s: out / f"{s}.h5" for s in SPLITS}
-    extract.run(raw_dir=raw, manifest=out / "manifest.csv", classes_json=out / "classes.json", outs=feats,
-                params=params)
-    train_head.run(train_h5=feats["train"], val_h5=feats["val"], classes_json=out / "classes.json",
-                   head_out=out / "head.keras", metrics_out=out / "m.json", history_out=out / "h.csv", params=params)
-    return raw, out, feats, params
+_pipeline_until_head = pipeline_until_head  # test_calibration imports it from here
 
 
 @pytest.mark.parametrize("backbone,weights", [
