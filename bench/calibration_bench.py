@@ -48,7 +48,7 @@ from pipeline.features import open_features  # noqa: E402
 from pipeline.inference import batched_images  # noqa: E402
 from pipeline.io_utils import read_json, setup_logging  # noqa: E402
 from pipeline.manifest import read_manifest  # noqa: E402
-from pipeline.models import load_model, predict_features  # noqa: E402
+from pipeline.models import load_model, predict_features, without_temperature  # noqa: E402
 from pipeline.params import parse_params  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "datasets"
@@ -84,8 +84,9 @@ def probabilities(run: Path, raw_dir: Path, work: Path) -> dict:
     params = parse_params(raw)
     classes = read_json(run / "classes.json")["classes"]
     expected = feature_provenance(params.backbone, classes)
-    head, _ = load_model(run / "head.keras", expected)
-    model, _ = load_model(run / "model.keras", expected)
+    # Uncalibrated outputs, whatever the run saved: models trained since calibration carry a Temperature layer.
+    head = without_temperature(load_model(run / "head.keras", expected)[0])
+    model = without_temperature(load_model(run / "model.keras", expected)[0])
     size = image_size(params.backbone)
     ft = compile_engine(model, size, "onnxruntime", 32)
     backbone = compile_engine(build_backbone(params.backbone), size, "onnxruntime", 32)
