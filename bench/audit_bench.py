@@ -37,11 +37,12 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchlib import bench_params  # noqa: E402
 
 from pipeline.io_utils import setup_logging  # noqa: E402
 from pipeline.manifest import SPLITS, read_manifest  # noqa: E402
@@ -51,19 +52,6 @@ from pipeline.prepare import assign_split  # noqa: E402
 SHARED = ROOT.parent / "shared" / "datasets"
 DEFAULT_DATASETS = ("simpsons_dev", "flower_photos", "hymenoptera")
 IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-def load_raw_params(raw_dir: Path, overrides: list[str] = ()) -> dict:
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["data"]["raw_dir"] = str(raw_dir)
-    for item in overrides:
-        key, _, value = item.partition("=")
-        node = raw
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = yaml.safe_load(value)
-    return raw
 
 
 def plant(name: str, dest: Path, flip_fraction: float, n_dups: int, seed: int, data_seed: int,
@@ -127,7 +115,7 @@ def cmd_plant(args: argparse.Namespace) -> None:
     for name in args.datasets:
         work = args.work / name
         raw_dir = work / "raw"
-        params = parse_params(load_raw_params(raw_dir, args.overrides))
+        params = parse_params(bench_params(raw_dir, args.overrides))
         planted = plant(name, raw_dir, args.flip_fraction, args.dups, args.seed, params.data.seed,
                         params.data.val_fraction, params.data.test_fraction)
         (work / "planted.json").write_text(json.dumps(planted, indent=1))
@@ -166,7 +154,7 @@ def score_one(name: str, work: Path, overrides: list[str], tag: str = "") -> dic
     from pipeline import audit
 
     raw_dir = work / "raw"
-    params = parse_params(load_raw_params(raw_dir, overrides))
+    params = parse_params(bench_params(raw_dir, overrides))
     planted = json.loads((work / "planted.json").read_text())
     out = work / f"audit{'-' + tag if tag else ''}"
     t0 = time.perf_counter()
@@ -236,7 +224,7 @@ def cmd_time(args: argparse.Namespace) -> None:
     for name in args.datasets:
         work = args.work / name
         raw_dir = work / "raw"
-        params = parse_params(load_raw_params(raw_dir, args.overrides))
+        params = parse_params(bench_params(raw_dir, args.overrides))
         feats = {s: work / f"{s}.h5" for s in SPLITS}
         out = work / "timing"
         times = {}

@@ -21,33 +21,20 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchlib import bench_params  # noqa: E402
 
 from pipeline import demo_data, evaluate, extract, finetune, prepare, train_head  # noqa: E402
 from pipeline.io_utils import setup_logging  # noqa: E402
 from pipeline.manifest import SPLITS  # noqa: E402
-from pipeline.params import parse_params, parse_yaml  # noqa: E402
-
-
-def set_key(raw: dict, dotted: str, value) -> None:
-    *parents, last = dotted.split(".")
-    node = raw
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[last] = value
+from pipeline.params import parse_params  # noqa: E402
 
 
 def bench_seed(seed: int, per_class: int, overrides: list[str], work: Path) -> dict:
     raw_dir = demo_data.run(out=work / "data" / f"seed{seed}", per_class=per_class, seed=seed)
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["data"]["raw_dir"] = str(raw_dir)
-    for item in overrides:
-        key, _, value = item.partition("=")
-        set_key(raw, key, parse_yaml(value))  # YAML 1.2 numbers, as dvc exp run -S
-    params = parse_params(raw)
+    params = parse_params(bench_params(raw_dir, overrides))
     out = work / "runs" / f"seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
     wall0, cpu0 = time.perf_counter(), time.process_time()

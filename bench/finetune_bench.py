@@ -28,26 +28,18 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchlib import bench_params  # noqa: E402
 
 from pipeline import evaluate, extract, finetune, prepare, train_head  # noqa: E402
 from pipeline.io_utils import setup_logging  # noqa: E402
 from pipeline.manifest import SPLITS  # noqa: E402
-from pipeline.params import parse_params, parse_yaml  # noqa: E402
+from pipeline.params import parse_params  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "datasets"
 DEFAULT_DATASETS = ("flower_photos", "hymenoptera", "simpsons_dev")
-
-
-def set_key(raw: dict, dotted: str, value) -> None:
-    *parents, last = dotted.split(".")
-    node = raw
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[last] = value
 
 
 # What --reuse copies from an earlier run: prepare's, extract's and train_head's outputs.
@@ -56,12 +48,7 @@ REUSED = ("manifest.csv", "classes.json", "train.h5", "val.h5", "test.h5", "head
 
 def bench_one(name: str, overrides: list[str], work: Path, tag: str, reuse: Path | None = None) -> dict:
     raw_dir = SHARED / name
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["data"]["raw_dir"] = str(raw_dir)
-    for item in overrides:
-        key, _, value = item.partition("=")
-        set_key(raw, key, parse_yaml(value))  # YAML 1.2 numbers, as dvc exp run -S
-    params = parse_params(raw)
+    params = parse_params(bench_params(raw_dir, overrides))
     out = work / "runs" / name
     out.mkdir(parents=True, exist_ok=True)
     feats = {s: out / f"{s}.h5" for s in SPLITS}

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import sys
 import tempfile
@@ -38,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import keras  # noqa: E402
+from benchlib import cpu_name  # noqa: E402
 
 from pipeline.activations import ActivationCache, Activations, cache_key  # noqa: E402
 from pipeline.augment import augment as augment_images  # noqa: E402
@@ -59,16 +59,6 @@ from pipeline.models import build_stacked, load_model  # noqa: E402
 from pipeline.params import Params, load_params  # noqa: E402
 from pipeline.split import split_at  # noqa: E402
 from pipeline.train_stream import clean_dataset  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def cpu_has_bf16() -> bool:

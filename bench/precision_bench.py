@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+from benchlib import cpu_name  # noqa: E402
 
 from pipeline.engines import onnx_session, session_infer  # noqa: E402
 from pipeline.inference import batched_images  # noqa: E402
@@ -54,16 +55,6 @@ def cpu_flags() -> set[str]:
         return set()
     line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
     return set(line.split(":", 1)[-1].split())
-
-
-def cpu_name() -> str:
-    try:
-        for ln in Path("/proc/cpuinfo").read_text().splitlines():
-            if ln.startswith("model name"):
-                return ln.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "?"
 
 
 def decode(paths: list[str], size: int) -> np.ndarray:

@@ -30,17 +30,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+from benchlib import cpu_name  # noqa: E402
+
 OLD_COMMIT = "9437c9a"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, float]:
