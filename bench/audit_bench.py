@@ -109,6 +109,35 @@ def plant(name: str, dest: Path, flip_fraction: float, n_dups: int, seed: int, d
     return {"dataset": name, "n_images": len(files), "flips": flips, "dups": dups}
 
 
+def run_audit(work: Path, out: Path, params):
+    """The audit stage over ``work``'s planted set (manifest, classes and features there), reports into ``out``."""
+    from pipeline import audit
+
+    return audit.run(raw_dir=work / "raw", manifest=work / "manifest.csv", classes_json=work / "classes.json",
+                     features={s: work / f"{s}.h5" for s in SPLITS}, label_issues_out=out / "label_issues.csv",
+                     duplicates_out=out / "near_duplicates.csv", outliers_out=out / "outliers.csv",
+                     imbalance_out=out / "class_imbalance.csv", metrics_out=out / "audit.json",
+                     gallery_dir=out / "gallery", params=params)
+
+
+def time_training(work: Path, out: Path, params, times: dict, head: bool = True) -> None:
+    """train_head (unless ``head`` is False: ``out`` already holds one) and finetune on ``work``'s features,
+    outputs into ``out``; their seconds go into ``times``."""
+    from pipeline import finetune, train_head
+
+    if head:
+        t0 = time.perf_counter()
+        train_head.run(train_h5=work / "train.h5", val_h5=work / "val.h5", classes_json=work / "classes.json",
+                       head_out=out / "head.keras", metrics_out=out / "head_metrics.json",
+                       history_out=out / "head_history.csv", params=params)
+        times["train_head"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    finetune.run(raw_dir=work / "raw", manifest=work / "manifest.csv", classes_json=work / "classes.json",
+                 val_features=work / "val.h5", head_path=out / "head.keras", model_out=out / "model.keras",
+                 history_out=out / "ft_history.csv", metrics_out=out / "ft_metrics.json", params=params)
+    times["finetune"] = time.perf_counter() - t0
+
+
 def cmd_plant(args: argparse.Namespace) -> None:
     from pipeline import extract, prepare
 
@@ -130,18 +159,7 @@ def cmd_plant(args: argparse.Namespace) -> None:
                     outs=feats, params=params, cache_dir=args.cache)
         times["extract"] = time.perf_counter() - t0
         if args.time:
-            from pipeline import finetune, train_head
-
-            t0 = time.perf_counter()
-            train_head.run(train_h5=feats["train"], val_h5=feats["val"], classes_json=work / "classes.json",
-                           head_out=work / "head.keras", metrics_out=work / "head_metrics.json",
-                           history_out=work / "head_history.csv", params=params)
-            times["train_head"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            finetune.run(raw_dir=raw_dir, manifest=work / "manifest.csv", classes_json=work / "classes.json",
-                         val_features=feats["val"], head_path=work / "head.keras", model_out=work / "model.keras",
-                         history_out=work / "ft_history.csv", metrics_out=work / "ft_metrics.json", params=params)
-            times["finetune"] = time.perf_counter() - t0
+            time_training(work, work, params, times)
         (work / "stage_seconds.json").write_text(json.dumps({k: round(v, 2) for k, v in times.items()}, indent=1))
         splits = {it.path: it.split for it in read_manifest(work / "manifest.csv")}
         straddle = sum(splits.get(d["copy"]) == "train" and splits.get(d["original"]) == "test"
@@ -158,11 +176,7 @@ def score_one(name: str, work: Path, overrides: list[str], tag: str = "") -> dic
     planted = json.loads((work / "planted.json").read_text())
     out = work / f"audit{'-' + tag if tag else ''}"
     t0 = time.perf_counter()
-    res = audit.run(raw_dir=raw_dir, manifest=work / "manifest.csv", classes_json=work / "classes.json",
-                    features={s: work / f"{s}.h5" for s in SPLITS}, label_issues_out=out / "label_issues.csv",
-                    duplicates_out=out / "near_duplicates.csv", outliers_out=out / "outliers.csv",
-                    imbalance_out=out / "class_imbalance.csv", metrics_out=out / "audit.json",
-                    gallery_dir=out / "gallery", params=params)
+    res = run_audit(work, out, params)
     seconds = time.perf_counter() - t0
     pool = res.pool
     row = {p: i for i, p in enumerate(pool.paths)}
@@ -219,32 +233,18 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 def cmd_time(args: argparse.Namespace) -> None:
     """The audit stage's seconds beside train_head's, finetune's and an uncached extract's, in this one process."""
-    from pipeline import audit, extract, finetune, train_head
+    from pipeline import extract
 
     for name in args.datasets:
         work = args.work / name
         raw_dir = work / "raw"
         params = parse_params(bench_params(raw_dir, args.overrides))
-        feats = {s: work / f"{s}.h5" for s in SPLITS}
         out = work / "timing"
         times = {}
         t0 = time.perf_counter()
-        audit.run(raw_dir=raw_dir, manifest=work / "manifest.csv", classes_json=work / "classes.json",
-                  features=feats, label_issues_out=out / "label_issues.csv", duplicates_out=out / "dups.csv",
-                  outliers_out=out / "outliers.csv", imbalance_out=out / "imbalance.csv",
-                  metrics_out=out / "audit.json", gallery_dir=out / "gallery", params=params)
+        run_audit(work, out, params)
         times["audit"] = time.perf_counter() - t0
-        if not (args.reuse_head and (out / "head.keras").is_file()):
-            t0 = time.perf_counter()
-            train_head.run(train_h5=feats["train"], val_h5=feats["val"], classes_json=work / "classes.json",
-                           head_out=out / "head.keras", metrics_out=out / "head_metrics.json",
-                           history_out=out / "head_history.csv", params=params)
-            times["train_head"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        finetune.run(raw_dir=raw_dir, manifest=work / "manifest.csv", classes_json=work / "classes.json",
-                     val_features=feats["val"], head_path=out / "head.keras", model_out=out / "model.keras",
-                     history_out=out / "ft_history.csv", metrics_out=out / "ft_metrics.json", params=params)
-        times["finetune"] = time.perf_counter() - t0
+        time_training(work, out, params, times, head=not (args.reuse_head and (out / "head.keras").is_file()))
         print(f"{name}: {times}", flush=True)
         if args.extract:
             t0 = time.perf_counter()  # a fresh cache: every image and view computed
@@ -252,10 +252,7 @@ def cmd_time(args: argparse.Namespace) -> None:
                         outs={s: out / f"{s}.h5" for s in SPLITS}, params=params, cache_dir=None)
             times["extract_uncached"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        audit.run(raw_dir=raw_dir, manifest=work / "manifest.csv", classes_json=work / "classes.json",
-                  features=feats, label_issues_out=out / "label_issues.csv", duplicates_out=out / "dups.csv",
-                  outliers_out=out / "outliers.csv", imbalance_out=out / "imbalance.csv",
-                  metrics_out=out / "audit.json", gallery_dir=out / "gallery", params=params)
+        run_audit(work, out, params)
         times["audit_again"] = time.perf_counter() - t0
         rest = times.get("extract_uncached", 0.0) + times.get("train_head", 0.0) + times["finetune"]
         share = (times["audit"] + times["audit_again"]) / 2 / rest

@@ -217,6 +217,20 @@ def frozen_epoch_seconds(raw: Path, manifest: Path, params) -> float:
     return time.perf_counter() - t
 
 
+def cached_stage_runs(work: Path, n: int, batch_size: int, a: float) -> None:
+    """Print the whole stage over ``n`` fresh images, run directly and as `dvc repro -s extract`, both with the
+    converted model cached, as img/s and as ratios to the TensorFlow compute ceiling ``a`` (img/s)."""
+    _, wall, ms = stage_run(subset(n, work / "stage2", tag=b"t"), work / "stage_run", batch_size)
+    print(f"     whole stage, converted model cached: {ms['images'] / wall:.1f} img/s = "
+          f"{ms['images'] / wall / a:.2f} x (a); its compute {ms['images_per_second']:.1f} img/s = "
+          f"{ms['images_per_second'] / a:.2f} x (a)", flush=True)
+    wall, md = dvc_stage(subset(n, work / "dvc_imgs", tag=b"d"), subset(80, work / "dvc_warm", tag=b"w"),
+                         work / "dvc_project", batch_size)
+    print(f"     dvc repro -s extract, converted model cached: {md['images'] / wall:.1f} img/s = "
+          f"{md['images'] / wall / a:.2f} x (a); its compute {md['images_per_second']:.1f} img/s = "
+          f"{md['images_per_second'] / a:.2f} x (a) (load {os.getloadavg()[0]:.1f})", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1000, help="images for (a), (b), (c)")
@@ -256,15 +270,7 @@ def main() -> None:
               flush=True)
         if args.stage_only:
             _, wall, ms = stage_run(subset(80, work / "warm", tag=b"w"), work / "stage_run", args.batch_size)
-            _, wall, ms = stage_run(subset(args.n, work / "stage2", tag=b"t"), work / "stage_run", args.batch_size)
-            print(f"     whole stage, converted model cached: {ms['images'] / wall:.1f} img/s = "
-                  f"{ms['images'] / wall / a:.2f} x (a); its compute {ms['images_per_second']:.1f} img/s = "
-                  f"{ms['images_per_second'] / a:.2f} x (a)", flush=True)
-            wall, md = dvc_stage(subset(args.n, work / "dvc_imgs", tag=b"d"), subset(80, work / "dvc_warm", tag=b"w"),
-                                 work / "dvc_project", args.batch_size)
-            print(f"     dvc repro -s extract, converted model cached: {md['images'] / wall:.1f} img/s = "
-                  f"{md['images'] / wall / a:.2f} x (a); its compute {md['images_per_second']:.1f} img/s = "
-                  f"{md['images_per_second'] / a:.2f} x (a) (load {os.getloadavg()[0]:.1f})", flush=True)
+            cached_stage_runs(work, args.n, args.batch_size, a)
             return
         d = decode_only(paths, size, args.batch_size)
         print(f"     decode-only (thread pool)  {d:7.1f} img/s", flush=True)
@@ -288,15 +294,7 @@ def main() -> None:
         print(f"     whole stage (python -m pipeline.extract, engine {ms['engine']}, start-up included): "
               f"{ms['images'] / wall:.1f} img/s = {ms['images'] / wall / a:.2f} x (a)", flush=True)
         # A second stage run on other fresh images, same cache: the converted model is reused.
-        _, wall, ms = stage_run(subset(args.n, work / "stage2", tag=b"t"), work / "stage_run", args.batch_size)
-        print(f"     whole stage, converted model cached: {ms['images'] / wall:.1f} img/s = "
-              f"{ms['images'] / wall / a:.2f} x (a); its compute {ms['images_per_second']:.1f} img/s = "
-              f"{ms['images_per_second'] / a:.2f} x (a)", flush=True)
-        wall, md = dvc_stage(subset(args.n, work / "dvc_imgs", tag=b"d"), subset(80, work / "dvc_warm", tag=b"w"),
-                             work / "dvc_project", args.batch_size)
-        print(f"     dvc repro -s extract, converted model cached: {md['images'] / wall:.1f} img/s = "
-              f"{md['images'] / wall / a:.2f} x (a); its compute {md['images_per_second']:.1f} img/s = "
-              f"{md['images_per_second'] / a:.2f} x (a)", flush=True)
+        cached_stage_runs(work, args.n, args.batch_size, a)
         c, f = startup(work, args.batch_size, args.startup_rounds)
         print(f"     start-up: the stage over 80 fresh images {c:.1f}s with the converted model cached, {f:.1f}s "
               f"with a fresh cache: {f - c:.1f}s saved (medians of {args.startup_rounds} interleaved rounds)",
