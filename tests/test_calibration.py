@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import onnxruntime as ort
 import pytest
-from test_models import _pipeline_until_head
+from conftest import pipeline_until_head
 
 from pipeline import evaluate, export, finetune, tta
 from pipeline.calibration import (
@@ -172,7 +172,7 @@ def test_views_and_average():
 
 
 def test_head_and_finetune_fit_their_own_temperatures_and_evaluate_reports_them(tmp_path):
-    raw, out, feats, params = _pipeline_until_head(tmp_path, **{"evaluate.tta": True})
+    raw, out, feats, params = pipeline_until_head(tmp_path, **{"evaluate.tta": True})
     head, head_meta = load_model(out / "head.keras")
     head_metrics = json.loads((out / "m.json").read_text())
     assert head_meta["temperature"] == model_temperature(head) == head_metrics["calibration"]["temperature"]

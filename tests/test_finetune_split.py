@@ -42,11 +42,10 @@ from tests.conftest import pipeline_until_head
 REL_TOL, ABS_TOL = 1e-3, 1e-3
 
 
-_project = pipeline_until_head
 
 
 def test_stored_activations_are_the_full_models_boundary_and_extracts_views(tmp_path):
-    raw, out, feats, params = _project(tmp_path)
+    raw, out, feats, params = pipeline_until_head(tmp_path)
     size = image_size(params.backbone)
     head, _ = load_model(out / "head.keras")
     backbone = build_backbone(params.backbone)
@@ -98,7 +97,7 @@ def test_stored_activations_are_the_full_models_boundary_and_extracts_views(tmp_
 
 
 def test_a_run_from_a_warm_activation_cache_equals_a_cold_one(tmp_path):
-    raw, out, feats, params = _project(tmp_path, **{"finetune.epochs": 3, "finetune.views": 2,
+    raw, out, feats, params = pipeline_until_head(tmp_path, **{"finetune.epochs": 3, "finetune.views": 2,
                                                     "finetune.patience": 5})
     cache = tmp_path / "acts"
 

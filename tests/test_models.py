@@ -41,7 +41,6 @@ def test_logreg_head_equals_sklearn(n_classes):
     assert np.abs(ref - 0.5).min() < 0.45  # probabilities are not trivially 0/1 everywhere
 
 
-_pipeline_until_head = pipeline_until_head  # test_calibration imports it from here
 
 
 @pytest.mark.parametrize("backbone,weights", [
@@ -51,7 +50,7 @@ _pipeline_until_head = pipeline_until_head  # test_calibration imports it from h
     ("efficientnetb0", "none"),  # rescaling inside the model
 ])
 def test_stacked_model_computes_exactly_the_cached_features(tmp_path, backbone, weights):
-    raw, out, feats, params = _pipeline_until_head(tmp_path, **{"backbone.name": backbone,
+    raw, out, feats, params = pipeline_until_head(tmp_path, **{"backbone.name": backbone,
                                                                 "backbone.weights": weights})
     val = read_features(feats["val"])
     head, _ = load_model(out / "head.keras")
@@ -66,7 +65,7 @@ def test_stacked_model_computes_exactly_the_cached_features(tmp_path, backbone, 
 
 
 def test_parity_catches_drift(tmp_path):
-    raw, out, feats, params = _pipeline_until_head(tmp_path)
+    raw, out, feats, params = pipeline_until_head(tmp_path)
     val = read_features(feats["val"])
     head, _ = load_model(out / "head.keras")
     drifted = parse_params({**tiny_params(str(raw)), "backbone": {**tiny_params()["backbone"], "pooling": "max",
@@ -78,7 +77,7 @@ def test_parity_catches_drift(tmp_path):
 
 
 def test_train_head_refuses_features_from_other_params(tmp_path):
-    raw, out, feats, params = _pipeline_until_head(tmp_path)
+    raw, out, feats, params = pipeline_until_head(tmp_path)
     other = as_params(tiny_params(str(raw), **{"backbone.image_size": 96}))
     with pytest.raises(ProvenanceError, match="image_size"):
         train_head.run(train_h5=feats["train"], val_h5=feats["val"], classes_json=out / "classes.json",
@@ -87,7 +86,7 @@ def test_train_head_refuses_features_from_other_params(tmp_path):
 
 
 def test_dense_head_trains_and_writes_history(tmp_path):
-    raw, out, feats, params = _pipeline_until_head(tmp_path, **{"head.type": "dense", "head.dense.epochs": 5})
+    raw, out, feats, params = pipeline_until_head(tmp_path, **{"head.type": "dense", "head.dense.epochs": 5})
     rows = (out / "h.csv").read_text().splitlines()
     assert rows[0] == "epoch,loss,accuracy,val_loss,val_accuracy" and len(rows) >= 2
     head, meta = load_model(out / "head.keras")
@@ -106,7 +105,7 @@ def _weights_by_layer(base: keras.Model) -> dict[str, list[np.ndarray]]:
 def test_finetune_changes_exactly_the_unfrozen_weights_and_keeps_a_trained_epoch(tmp_path):
     """What finetune saved, against a fresh backbone folded the same way: below the boundary and every
     BatchNorm bit-identical, some kernel above it and the head changed, and a fine-tuned epoch kept."""
-    raw, out, feats, params = _pipeline_until_head(tmp_path, **MOVING_FINETUNE)
+    raw, out, feats, params = pipeline_until_head(tmp_path, **MOVING_FINETUNE)
     metrics = finetune.run(raw_dir=raw, manifest=out / "manifest.csv", classes_json=out / "classes.json",
                            val_features=feats["val"], head_path=out / "head.keras", model_out=out / "model.keras",
                            history_out=out / "ft.csv", metrics_out=out / "ft.json", params=params)
@@ -156,7 +155,7 @@ def test_finetune_changes_exactly_the_unfrozen_weights_and_keeps_a_trained_epoch
 
 
 def test_finetune_epochs_zero_saves_the_head_only_model(tmp_path):
-    raw, out, feats, params = _pipeline_until_head(tmp_path, **{"finetune.epochs": 0})
+    raw, out, feats, params = pipeline_until_head(tmp_path, **{"finetune.epochs": 0})
     metrics = finetune.run(raw_dir=raw, manifest=out / "manifest.csv", classes_json=out / "classes.json",
                            val_features=feats["val"], head_path=out / "head.keras", model_out=out / "model.keras",
                            history_out=out / "ft.csv", metrics_out=out / "ft.json", params=params)
