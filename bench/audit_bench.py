@@ -44,9 +44,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchlib import bench_params  # noqa: E402
 
-from pipeline.io_utils import setup_logging  # noqa: E402
-from pipeline.manifest import SPLITS, read_manifest  # noqa: E402
-from pipeline.params import parse_params  # noqa: E402
+from pipeline.core.io import setup_logging  # noqa: E402
+from pipeline.core.manifest import SPLITS, read_manifest  # noqa: E402
+from pipeline.core.params import parse_params  # noqa: E402
 from pipeline.prepare import assign_split  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "datasets"

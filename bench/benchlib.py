@@ -13,7 +13,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # pipeline.params, for bench_params
+    sys.path.insert(0, str(ROOT))  # pipeline.core.params, for bench_params
 
 
 def cpu_name() -> str:
@@ -30,7 +30,7 @@ def cpu_name() -> str:
 def bench_params(raw_dir: Path, overrides: list[str] = ()) -> dict:
     """params.yaml as a mapping, ``data.raw_dir`` set to ``raw_dir``, each ``key.sub=value`` override applied
     (values parsed as YAML 1.2, as ``dvc exp run -S`` writes them: ``3e-5`` is a number)."""
-    from pipeline.params import parse_yaml
+    from pipeline.core.params import parse_yaml
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["data"]["raw_dir"] = str(raw_dir)

@@ -8,7 +8,7 @@ manifest.csv, classes.json, {val,test}.h5, head.keras, model.keras, made with de
 *without* a temperature), so no fine-tune is re-run. For each dataset and model (head, fine-tuned)
 it computes the uncalibrated val and test probabilities of every view (original, hflip, and the
 candidate ``zoom`` / ``zoom+hflip``: the central 7/8 of the image resized back), fits the temperature
-on val exactly as train_head / finetune do (:func:`pipeline.calibration.fit_temperature` on the
+on val exactly as train_head / finetune do (:func:`pipeline.models.calibration.fit_temperature` on the
 original view; also without its prior on log T, for comparison), and prints:
 
 1. calibration: test ECE and log loss before → after, each with a paired bootstrap 95 % interval
@@ -40,16 +40,16 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import tta  # noqa: E402
-from pipeline.backbones import build_backbone, feature_provenance, image_size  # noqa: E402
-from pipeline.calibration import apply_temperature, ece, fit_temperature, nll  # noqa: E402
-from pipeline.engines import compile_engine  # noqa: E402
-from pipeline.features import open_features  # noqa: E402
-from pipeline.inference import batched_images  # noqa: E402
-from pipeline.io_utils import read_json, setup_logging  # noqa: E402
-from pipeline.manifest import read_manifest  # noqa: E402
-from pipeline.models import load_model, predict_features, without_temperature  # noqa: E402
-from pipeline.params import parse_params  # noqa: E402
+from pipeline.backbones.build import build_backbone, feature_provenance, image_size  # noqa: E402
+from pipeline.core.io import read_json, setup_logging  # noqa: E402
+from pipeline.core.manifest import read_manifest  # noqa: E402
+from pipeline.core.params import parse_params  # noqa: E402
+from pipeline.extraction.features import open_features  # noqa: E402
+from pipeline.models.calibration import apply_temperature, ece, fit_temperature, nll  # noqa: E402
+from pipeline.models.heads import load_model, predict_features, without_temperature  # noqa: E402
+from pipeline.runtime import tta  # noqa: E402
+from pipeline.runtime.engines import compile_engine  # noqa: E402
+from pipeline.runtime.inference import batched_images  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "datasets"
 DATASETS = ("simpsons_dev", "flower_photos", "hymenoptera", "dogs_vs_cats")

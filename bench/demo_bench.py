@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 from benchlib import bench_params  # noqa: E402
 
 from pipeline import demo_data, evaluate, extract, finetune, prepare, train_head  # noqa: E402
-from pipeline.io_utils import setup_logging  # noqa: E402
-from pipeline.manifest import SPLITS  # noqa: E402
-from pipeline.params import parse_params  # noqa: E402
+from pipeline.core.io import setup_logging  # noqa: E402
+from pipeline.core.manifest import SPLITS  # noqa: E402
+from pipeline.core.params import parse_params  # noqa: E402
 
 
 def bench_seed(seed: int, per_class: int, overrides: list[str], work: Path) -> dict:

@@ -45,13 +45,13 @@ import tensorflow as tf  # noqa: E402
 import yaml  # noqa: E402
 
 from pipeline import extract, prepare, train_head  # noqa: E402
-from pipeline.backbones import build_backbone, image_size  # noqa: E402
-from pipeline.datasets import image_dataset, prefetched_batches  # noqa: E402
-from pipeline.engines import compile_engine  # noqa: E402
-from pipeline.features import read_features  # noqa: E402
-from pipeline.manifest import SPLITS  # noqa: E402
-from pipeline.models import build_stacked  # noqa: E402
-from pipeline.params import parse_params  # noqa: E402
+from pipeline.backbones.build import build_backbone, image_size  # noqa: E402
+from pipeline.core.manifest import SPLITS  # noqa: E402
+from pipeline.core.params import parse_params  # noqa: E402
+from pipeline.data.datasets import image_dataset, prefetched_batches  # noqa: E402
+from pipeline.extraction.features import read_features  # noqa: E402
+from pipeline.models.heads import build_stacked  # noqa: E402
+from pipeline.runtime.engines import compile_engine  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "datasets" / "dogs_vs_cats"
 
@@ -206,7 +206,7 @@ def frozen_epoch_seconds(raw: Path, manifest: Path, params) -> float:
     rows = list(csv.DictReader(open(manifest)))
     train = [r for r in rows if r["split"] == "train"]
     classes = sorted({r["label"] for r in rows})
-    from pipeline.models import build_head
+    from pipeline.models.heads import build_head
 
     model = build_stacked(build_backbone(params.backbone), build_head(1280, len(classes)))
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")

@@ -34,9 +34,9 @@ sys.path.insert(0, str(ROOT))
 from benchlib import bench_params  # noqa: E402
 
 from pipeline import evaluate, extract, finetune, prepare, train_head  # noqa: E402
-from pipeline.io_utils import setup_logging  # noqa: E402
-from pipeline.manifest import SPLITS  # noqa: E402
-from pipeline.params import parse_params  # noqa: E402
+from pipeline.core.io import setup_logging  # noqa: E402
+from pipeline.core.manifest import SPLITS  # noqa: E402
+from pipeline.core.params import parse_params  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "datasets"
 DEFAULT_DATASETS = ("flower_photos", "hymenoptera", "simpsons_dev")

@@ -10,7 +10,7 @@ times one epoch (``--images`` training images, then the val set) of each path on
   trained on decoded images augmented in the input pipeline, every frozen layer run forward in
   every step; val on the stacked model over the val images;
 - **after, new view**: the frozen bottom run once on ONNX Runtime over a view no run computed
-  yet (:mod:`pipeline.activations`), then the top trained on the stored activations; val on the
+  yet (:mod:`pipeline.finetuning.activations`), then the top trained on the stored activations; val on the
   top over cached clean activations;
 - **after, cached view**: the same with the view already in the activation cache (a later epoch
   cycling back to it with ``finetune.views`` < epochs, or any later run that reuses the cache).
@@ -39,9 +39,7 @@ sys.path.insert(0, str(ROOT))
 import keras  # noqa: E402
 from benchlib import cpu_name  # noqa: E402
 
-from pipeline.activations import ActivationCache, Activations, cache_key  # noqa: E402
-from pipeline.augment import augment as augment_images  # noqa: E402
-from pipeline.backbones import (  # noqa: E402
+from pipeline.backbones.build import (  # noqa: E402
     backbone_provenance,
     build_backbone,
     fold_bn_scale,
@@ -49,16 +47,18 @@ from pipeline.backbones import (  # noqa: E402
     image_size,
     unfreeze_from,
 )
-from pipeline.datasets import image_dataset  # noqa: E402
-from pipeline.engines import compile_engine  # noqa: E402
+from pipeline.core.io import library_versions, read_json, setup_logging  # noqa: E402
+from pipeline.core.manifest import read_manifest  # noqa: E402
+from pipeline.core.params import Params, load_params  # noqa: E402
+from pipeline.data.augment import augment as augment_images  # noqa: E402
+from pipeline.data.datasets import image_dataset  # noqa: E402
+from pipeline.data.images import load_batch  # noqa: E402
 from pipeline.finetune import BOTTOM_BATCH, bottom_engine, build_optimizer, file_digests  # noqa: E402
-from pipeline.images import load_batch  # noqa: E402
-from pipeline.io_utils import library_versions, read_json, setup_logging  # noqa: E402
-from pipeline.manifest import read_manifest  # noqa: E402
-from pipeline.models import build_stacked, load_model  # noqa: E402
-from pipeline.params import Params, load_params  # noqa: E402
-from pipeline.split import split_at  # noqa: E402
-from pipeline.train_stream import clean_dataset  # noqa: E402
+from pipeline.finetuning.activations import ActivationCache, Activations, cache_key  # noqa: E402
+from pipeline.finetuning.cut import split_at  # noqa: E402
+from pipeline.finetuning.stream import clean_dataset  # noqa: E402
+from pipeline.models.heads import build_stacked, load_model  # noqa: E402
+from pipeline.runtime.engines import compile_engine  # noqa: E402
 
 
 def cpu_has_bf16() -> bool:

@@ -37,12 +37,12 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 from benchlib import cpu_name  # noqa: E402
 
-from pipeline.engines import onnx_session, session_infer  # noqa: E402
-from pipeline.inference import batched_images  # noqa: E402
-from pipeline.io_utils import read_json  # noqa: E402
-from pipeline.manifest import read_manifest  # noqa: E402
-from pipeline.params import parse_params  # noqa: E402
-from pipeline.registry import resolve  # noqa: E402
+from pipeline.backbones.registry import resolve  # noqa: E402
+from pipeline.core.io import read_json  # noqa: E402
+from pipeline.core.manifest import read_manifest  # noqa: E402
+from pipeline.core.params import parse_params  # noqa: E402
+from pipeline.runtime.engines import onnx_session, session_infer  # noqa: E402
+from pipeline.runtime.inference import batched_images  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "datasets"
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -175,9 +175,9 @@ def main() -> None:
 
     import keras
 
-    from pipeline.backbones import build_backbone
-    from pipeline.converters import to_onnx
-    from pipeline.models import load_model
+    from pipeline.backbones.build import build_backbone
+    from pipeline.models.heads import load_model
+    from pipeline.runtime.converters import to_onnx
 
     params = parse_params(__import__("yaml").safe_load((ROOT / "params.yaml").read_text()))
     bb = resolve(params.backbone)

@@ -48,11 +48,11 @@ from sklearn.model_selection import StratifiedKFold
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from pipeline.features import FeatureSet, read_features
-from pipeline.images import ImageDecodeError, load_image
-from pipeline.io_utils import PipelineError, atomic_path, read_json, setup_logging, user_errors, write_csv, write_json
-from pipeline.manifest import SPLITS, read_manifest
-from pipeline.params import AuditParams, Params, load_params
+from pipeline.core.io import PipelineError, atomic_path, read_json, setup_logging, user_errors, write_csv, write_json
+from pipeline.core.manifest import SPLITS, read_manifest
+from pipeline.core.params import AuditParams, Params, load_params
+from pipeline.data.images import ImageDecodeError, load_image
+from pipeline.extraction.features import FeatureSet, read_features
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,8 @@ def near_duplicates(features: np.ndarray, threshold: float, hashes: np.ndarray |
 
 
 def perceptual_hashes(raw_dir: Path, paths: list[str], progress: bool = True) -> np.ndarray:
-    """64-bit pHash of every image (decoded by :func:`pipeline.images.load_image`, the one decoder) → (N,) uint64."""
+    """64-bit pHash of every image (decoded by :func:`pipeline.data.images.load_image`, the one decoder)
+    → (N,) uint64."""
     out = np.zeros(len(paths), np.uint64)
     for k, rel in enumerate(tqdm(paths, desc="perceptual hashes", unit="img", disable=not progress)):
         try:

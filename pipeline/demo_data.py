@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.io_utils import PipelineError, atomic_dir, setup_logging, user_errors
+from pipeline.core.io import PipelineError, atomic_dir, setup_logging, user_errors
 
 log = logging.getLogger(__name__)
 

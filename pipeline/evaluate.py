@@ -5,11 +5,11 @@ finetune asserts, that is exactly the stacked head-only model's output, at a fra
 the cost. The fine-tuned model is scored on the test images themselves, on the engine
 ``evaluate.engine`` picks (ONNX Runtime on CPU: probabilities within 1e-5 of TensorFlow's).
 
-Both models carry their fitted temperature (:class:`pipeline.models.Temperature`), so what is
+Both models carry their fitted temperature (:class:`pipeline.models.heads.Temperature`), so what is
 scored is what a user gets: calibrated probabilities. The uncalibrated ones are the same
-outputs with the temperature undone (:func:`pipeline.calibration.apply_temperature` with 1/T),
+outputs with the temperature undone (:func:`pipeline.models.calibration.apply_temperature` with 1/T),
 reported beside them. With ``evaluate.tta`` each model's probabilities are averaged over the
-views of :mod:`pipeline.tta`; the head then also runs on the mirrored test images (frozen
+views of :mod:`pipeline.runtime.tta`; the head then also runs on the mirrored test images (frozen
 backbone + head), as no features of those are cached.
 """
 from __future__ import annotations
@@ -29,16 +29,17 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from pipeline import tta
-from pipeline.backbones import build_backbone, feature_provenance, image_size
-from pipeline.calibration import apply_temperature, coverage_curve, ece, reliability_bins
-from pipeline.engines import compile_engine, has_gpu, resolve_engine
-from pipeline.features import open_features
-from pipeline.images import load_image
-from pipeline.inference import Infer, batched_images
-from pipeline.io_utils import atomic_path, read_json, setup_logging, user_errors, write_csv, write_json
-from pipeline.models import build_stacked, load_model, model_temperature, predict_features
-from pipeline.params import Params, load_params
+from pipeline.backbones.build import build_backbone, feature_provenance
+from pipeline.backbones.registry import image_size
+from pipeline.core.io import atomic_path, read_json, setup_logging, user_errors, write_csv, write_json
+from pipeline.core.params import Params, load_params
+from pipeline.data.images import load_image
+from pipeline.extraction.features import open_features
+from pipeline.models.calibration import apply_temperature, coverage_curve, ece, reliability_bins
+from pipeline.models.heads import build_stacked, load_model, model_temperature, predict_features
+from pipeline.runtime import tta
+from pipeline.runtime.engines import compile_engine, has_gpu, resolve_engine
+from pipeline.runtime.inference import Infer, batched_images
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def mistakes_gallery(out: Path, paths: list[str], y: np.ndarray, probs: np.ndarr
 
 def view_probabilities(infers: dict[str, list[Infer]], paths: list[str], size: int, batch_size: int,
                        view_names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Each image decoded once, its views (:func:`pipeline.tta.views`) fed to every model's engine.
+    """Each image decoded once, its views (:func:`pipeline.runtime.tta.views`) fed to every model's engine.
 
     ``infers[name][v]`` runs view ``view_names[v]`` (None: that view is not computed here) →
     ``{name: (V, N, K) float32}``, a view not computed left as NaN.

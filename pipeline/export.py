@@ -16,7 +16,7 @@ give the Keras model's probabilities. Other sizes are resized inside by
 ``tf.image.resize(bilinear, antialias=True)`` and rounded to uint8; that is the same filter as
 the Pillow bilinear resize training used, but not bit-identical (and training decodes JPEGs
 in libjpeg's draft mode first), so for exact parity resize with
-``pipeline.images.load_image`` on the client.
+``pipeline.data.images.load_image`` on the client.
 
 The same model as ONNX (``images`` uint8 ``(B, S, S, 3)`` → ``probabilities`` float32 ``(B, K)``,
 opset 17, for ONNX Runtime and the many runtimes that read ONNX) and as TFLite (same input
@@ -27,7 +27,7 @@ probabilities to :data:`EXPORT_TOLERANCE`, or the stage fails. The ``.tflite`` f
 LiteRT when installed (``requirements-litert.txt``), else by TensorFlow's ``tf.lite.Interpreter``
 with a warning; ``serving.json`` records the runtime that checked each file (``reload_runtime``).
 
-The model ends in its :class:`pipeline.models.Temperature` layer, so every format gives the
+The model ends in its :class:`pipeline.models.heads.Temperature` layer, so every format gives the
 calibrated probabilities, the temperature a constant of the graph (``temperature`` in the JSON).
 """
 from __future__ import annotations
@@ -42,8 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.converters import ONNX_OPSET, to_onnx, to_tflite
-from pipeline.io_utils import (
+from pipeline.core.io import (
     PipelineError,
     atomic_dir,
     atomic_path,
@@ -53,7 +52,8 @@ from pipeline.io_utils import (
     user_errors,
     write_json,
 )
-from pipeline.models import load_model, model_temperature
+from pipeline.models.heads import load_model, model_temperature
+from pipeline.runtime.converters import ONNX_OPSET, to_onnx, to_tflite
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def run(*, model_path: Path, out_dir: Path, meta_out: Path, onnx_out: Path | Non
             files[fmt] = {
                 "path": str(out), "sha256": sha256_file(out), "reload_max_abs_diff": reload_diff,
                 "reload_runtime": runtime,
-                "inputs": {"images": f"uint8 (B, {size}, {size}, 3) RGB, resized with pipeline.images.load_image"},
+                "inputs": {"images": f"uint8 (B, {size}, {size}, 3) RGB, resized with pipeline.data.images.load_image"},
                 "outputs": {"probabilities": "float32 (B, K), columns in the order of class_names"},
                 "precision": "float32", **({"opset": ONNX_OPSET} if fmt == "onnx" else {}),
             }

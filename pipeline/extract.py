@@ -1,10 +1,10 @@
 """Stage 2: run the frozen backbone once over every image → cached features in HDF5.
 
 Only images whose features are not in the content-addressed cache are computed (see
-:mod:`pipeline.feature_cache`): adding 10 images to 2,000 computes 10, and a killed run
-resumes from its last committed chunk. Images go through :mod:`pipeline.inference` (decode
+:mod:`pipeline.extraction.cache`): adding 10 images to 2,000 computes 10, and a killed run
+resumes from its last committed chunk. Images go through :mod:`pipeline.runtime.inference` (decode
 pool a few batches ahead, uint8 into the model) on the engine ``extract.engine`` picks
-(:mod:`pipeline.engines`: ONNX Runtime on CPU, TensorFlow on a GPU). Computed features go to
+(:mod:`pipeline.runtime.engines`: ONNX Runtime on CPU, TensorFlow on a GPU). Computed features go to
 the cache in chunks and the split files are streamed out of it, so memory stays bounded
 whatever the dataset size. On a GPU with TensorFlow: mixed-precision inference (features
 stored float32) and ``extract.gpu_batch_size``.
@@ -24,15 +24,23 @@ from typing import Optional
 
 import h5py
 
-from pipeline.engines import backbone_infer, has_gpu, onnx_backbone, plan
-from pipeline.feature_cache import FeatureCache, file_digests, model_key, stored_dim
-from pipeline.feature_work import augment_spec, compute_missing, plan_work, view_digest
-from pipeline.features import create_feature_file
-from pipeline.io_utils import atomic_path, library_versions, read_json, setup_logging, user_errors, write_json
-from pipeline.manifest import SPLITS, read_manifest
-from pipeline.params import Params, load_params
-from pipeline.ray_extract import actor_gpus, compute_missing_ray, require_ray
-from pipeline.registry import resolve
+from pipeline.backbones.registry import resolve
+from pipeline.core.io import (
+    atomic_path,
+    file_digests,
+    library_versions,
+    read_json,
+    setup_logging,
+    user_errors,
+    write_json,
+)
+from pipeline.core.manifest import SPLITS, read_manifest
+from pipeline.core.params import Params, load_params
+from pipeline.extraction.cache import FeatureCache, model_key, stored_dim
+from pipeline.extraction.features import create_feature_file
+from pipeline.extraction.ray_executor import actor_gpus, compute_missing_ray, require_ray
+from pipeline.extraction.work import augment_spec, compute_missing, plan_work, view_digest
+from pipeline.runtime.engines import backbone_infer, has_gpu, onnx_backbone, plan
 
 log = logging.getLogger(__name__)
 

@@ -7,12 +7,12 @@ equal the head's probabilities on the cached features (else preprocessing or poo
 drifted between extract and here). The epoch kept is the one with the lowest val loss,
 epoch 0 (the head-only model) included, so fine-tuning never returns a worse model on val.
 With ``finetune.ema`` each epoch is measured, and kept, as the optimizer's moving average of
-the weights (:class:`pipeline.tracker.Tracker`).
+the weights (:mod:`pipeline.finetuning.recipe`: the whole recipe in one module).
 
 The frozen layers below ``finetune.unfreeze_from`` never change, so they are not run in the
-training step: the stacked model is cut there (:mod:`pipeline.split`), the bottom runs once per
-augmented view on an inference engine into a float16 activation cache (:mod:`pipeline.activations`),
-and only the top trains, on the stored activations (:mod:`pipeline.train_stream`), validated on
+training step: the stacked model is cut there (:mod:`pipeline.finetuning.cut`), the bottom runs once per
+augmented view on an inference engine into a float16 activation cache (:mod:`pipeline.finetuning.activations`),
+and only the top trains, on the stored activations (:mod:`pipeline.finetuning.stream`), validated on
 the cached clean val activations. The top is the stacked model's own layers, so the saved model
 is the full backbone + head; after training, its probabilities on val images are checked
 against the trained top's on the stored activations (split parity). docs/finetune.md has the
@@ -21,7 +21,7 @@ measurements.
 With ``--checkpoint``, the state after every epoch is saved there (atomically), and with
 ``finetune.resume`` a run whose checkpoint belongs to the same params, head and images
 continues after its last finished epoch and ends with the same model as an uninterrupted
-run (see :mod:`pipeline.resume`).
+run (see :mod:`pipeline.finetuning.checkpoint`).
 """
 from __future__ import annotations
 
@@ -29,10 +29,8 @@ import argparse
 import contextlib
 import logging
 import math
-import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -40,274 +38,113 @@ from typing import Optional
 import keras
 import numpy as np
 import tensorflow as tf
-from tqdm import tqdm
 
-from pipeline.activations import ActivationCache, Activations, cache_key
-from pipeline.backbones import (
+from pipeline.backbones.build import (
     backbone_provenance,
     build_backbone,
     count_params,
     feature_provenance,
-    fold_bn_scale,
     get_base,
-    image_size,
     resolve_unfreeze_from,
-    unfreeze_from,
     unfreeze_start,
 )
-from pipeline.calibration import describe, fit_on_val
-from pipeline.datasets import image_dataset
-from pipeline.engines import Engine, compile_engine, engine_version, has_gpu, resolve_engine
-from pipeline.features import open_features
-from pipeline.images import load_batch
-from pipeline.io_utils import library_versions, read_json, setup_logging, sha256_digest, user_errors, write_json
-from pipeline.manifest import read_manifest
-from pipeline.models import build_stacked, load_model, save_model, with_temperature, without_temperature
-from pipeline.params import FinetuneParams, Params, as_dict, load_params
-from pipeline.resume import TrainState, fingerprint, restore_checkpoint
-from pipeline.split import split_at
-from pipeline.tracker import Tracker, finish
-from pipeline.train_stream import clean_dataset, training_stream
-from pipeline.training import class_weights, write_history
+from pipeline.backbones.registry import image_size
+from pipeline.core.io import file_digests, library_versions, read_json, setup_logging, user_errors, write_json
+from pipeline.core.manifest import Item, read_manifest
+from pipeline.core.params import FinetuneParams, Params, as_dict, load_params
+from pipeline.data.datasets import image_dataset
+from pipeline.data.images import load_batch
+from pipeline.extraction.features import open_features
+from pipeline.finetuning.activations import BOTTOM_BATCH, ActivationCache, Activations, bottom_engine, cache_key
+from pipeline.finetuning.checkpoint import fingerprint
+from pipeline.finetuning.cut import Cut, cut_at
+from pipeline.finetuning.parity import PARITY_SAMPLES, check_cut_parity, check_parity
+from pipeline.finetuning.progress import start_live
+from pipeline.finetuning.recipe import (
+    compile_top,
+    default_strategy,
+    fold_bn_scale,
+    keep_best,
+    replica_lr_scale,
+    unfreeze_from,
+)
+from pipeline.finetuning.stream import TrainData, clean_dataset
+from pipeline.finetuning.trainer import RunCheckpoint, fit_top, initial_state
+from pipeline.models.calibration import describe, fit_on_val
+from pipeline.models.heads import build_stacked, load_model, save_model, with_temperature, without_temperature
+from pipeline.models.training import write_history
+from pipeline.runtime.engines import compile_engine
 
 log = logging.getLogger(__name__)
 
 # The params this stage reads: exactly its `params:` in dvc.yaml (a test checks both agree).
 PARAMS = ("seed", "backbone", "augment", "finetune")
 
-PARITY_SAMPLES = 32
-PARITY_TOLERANCE = 1e-4
-# The trained top on float16-stored activations vs the saved stacked model on the images: float16 rounds
-# each activation by up to 2^-11 relative (measured max |Δp| in docs/finetune.md).
-SPLIT_TOLERANCE = 5e-3
-# Images per pass of the frozen bottom (ONNX Runtime: any batch gives the same bits; TensorFlow: this one shape).
-BOTTOM_BATCH = 32
-
-
-class ParityError(RuntimeError):
-    """The stacked model does not compute what the head was trained on."""
-
-
-def check_parity(stacked: keras.Model, head: keras.Model, images: np.ndarray, features: np.ndarray) -> float:
-    """Max |stacked(images) − head(features)|; raises :class:`ParityError` above tolerance.
-
-    ``images`` (N, S, S, 3) float32 [0, 255]; ``features`` (N, D) the cached features of the
-    same images.
-    """
-    if len(images) == 0:
-        return 0.0
-    p_stacked = stacked.predict_on_batch(images)
-    p_head = head.predict_on_batch(features)
-    diff = float(np.max(np.abs(p_stacked - p_head)))
-    if not diff <= PARITY_TOLERANCE:
-        raise ParityError(
-            f"stacking parity failed: stacked-model probabilities differ from the head's on cached features by "
-            f"{diff:.2e} (> {PARITY_TOLERANCE}); preprocessing, image size or pooling drifted since extract. "
-            "Re-run `dvc repro extract train_head`."
-        )
-    return diff
-
-
-class BatchProgress(keras.callbacks.Callback):
-    """The batches of each fit epoch as a tqdm bar on stderr, like extract's and evaluate's bars.
-
-    On by default only when stderr is a terminal: there the bar fills in during the epoch and
-    gives way to Keras' one line per epoch (``verbose=2``); a log file keeps just those lines.
-    """
-
-    def __init__(self, steps: int, epochs: int, enabled: Optional[bool] = None):
-        super().__init__()
-        self.steps, self.epochs = steps, epochs
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.bar: Optional[tqdm] = None
-
-    def on_epoch_begin(self, epoch: int, logs=None) -> None:
-        self.bar = tqdm(total=self.steps, desc=f"fine-tune epoch {epoch + 1}/{self.epochs}", unit="batch",
-                        leave=False, file=sys.stderr, disable=not self.enabled)
-
-    def on_train_batch_end(self, batch: int, logs=None) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def on_epoch_end(self, epoch: int, logs=None) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-def start_live(live_dir: Path, val_loss: float, val_accuracy: float):
-    """A dvclive run in ``live_dir``: step 0 = the head-only model, then one step per epoch.
-
-    dvclive fits the epoch loop: each epoch's metrics reach ``live_dir`` (plots/metrics/*.tsv,
-    and metrics.json = the latest epoch) while training runs, and DVC Studio when configured.
-    ``dvcyaml=None``: dvc.yaml declares these outputs, dvclive must not rewrite it mid-stage.
-    """
-    from dvclive import Live
-
-    live = Live(str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
-    live.log_metric("eval/loss", float(val_loss))
-    live.log_metric("eval/accuracy", float(val_accuracy))
-    live.next_step()
-    return live
-
-
-def live_callbacks(live) -> list:
-    """dvclive's Keras callback (logs each epoch, ends the run after fit); none without a run."""
-    if live is None:
-        return []
-    from dvclive.keras import DVCLiveCallback
-
-    return [DVCLiveCallback(live=live)]
-
-
-def log_history(live, rows: list) -> None:
-    """Re-log the epochs a resumed run restored, so dvclive's series equal an uninterrupted run's."""
-    if live is None:
-        return
-    for _, loss, acc, val_loss, val_acc in rows:
-        for name, value in (("train/loss", loss), ("train/accuracy", acc), ("eval/loss", val_loss),
-                            ("eval/accuracy", val_acc)):
-            live.log_metric(name, float(value))
-        live.next_step()
-
-
-def default_strategy() -> Optional[tf.distribute.Strategy]:
-    """``MirroredStrategy`` over every local GPU when TensorFlow sees more than one; None (one device) otherwise."""
-    gpus = tf.config.list_logical_devices("GPU")
-    return tf.distribute.MirroredStrategy([g.name for g in gpus]) if len(gpus) > 1 else None
-
-
-def replica_lr_scale(optimizer: str, replicas: int) -> float:
-    """Learning-rate factor for a global batch ``replicas`` × ``finetune.batch_size``: linear for SGD (the
-    linear scaling rule of Goyal et al. 2017, which needs the warm-up we have), square root for Adam /
-    AdamW, whose steps are already normalized by the gradient's scale."""
-    if replicas <= 1:
-        return 1.0
-    return float(replicas) if optimizer == "sgd" else math.sqrt(replicas)
-
-
-def learning_rate_schedule(p: FinetuneParams, steps_per_epoch: int,
-                           scale: float = 1.0) -> keras.optimizers.schedules.LearningRateSchedule:
-    """Linear warm-up from 0 to ``learning_rate`` × ``scale`` over ``warmup_epochs``, then constant or a cosine
-    decay to 0 at the end of epoch ``epochs``; a function of the optimizer's step count only, so a resumed
-    run continues the same curve. A run no longer than the warm-up is all warm-up."""
-    peak = p.learning_rate * scale
-    total = max(1, p.epochs * steps_per_epoch)
-    warm = min(int(round(p.warmup_epochs * steps_per_epoch)), total)
-    return keras.optimizers.schedules.CosineDecay(
-        0.0 if warm else peak, decay_steps=max(1, total - warm),
-        alpha=1.0 if p.schedule == "constant" else 0.0,  # alpha = 1: no decay
-        warmup_target=peak if warm else None, warmup_steps=warm)
-
-
-def build_optimizer(p: FinetuneParams, steps_per_epoch: int, replicas: int = 1) -> keras.optimizers.Optimizer:
-    """``finetune.optimizer`` (sgd with momentum, adam or adamw) with the warm-up + decay schedule.
-
-    Measured on simpsons_dev (README "Fine-tuning that pays"): with the same warm-up and cosine
-    decay, SGD at 3e-4 reached a lower val loss than Adam at 1e-4 or 3e-5; at every learning rate
-    that moves the network at all, the epochs at the peak rate raise the val loss before the
-    decay brings it down, which the warm-up and the decay keep short.
-    """
-    lr = learning_rate_schedule(p, steps_per_epoch, replica_lr_scale(p.optimizer, replicas))
-    # finetune.ema: Keras keeps the average in optimizer variables (so checkpoints carry it) and updates it
-    # inside the compiled train step.
-    ema = {"use_ema": True, "ema_momentum": p.ema} if p.ema > 0 else {}
-    if p.optimizer == "sgd":
-        return keras.optimizers.SGD(lr, momentum=p.momentum, weight_decay=p.weight_decay or None, **ema)
-    if p.optimizer == "adamw":
-        return keras.optimizers.AdamW(lr, weight_decay=p.weight_decay, **ema)
-    return keras.optimizers.Adam(lr, **ema)
-
-
-def _compile(model: keras.Model, p: FinetuneParams, steps_per_epoch: int, replicas: int) -> None:
-    model.compile(optimizer=build_optimizer(p, steps_per_epoch, replicas),
-                  loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
-
 
 @dataclass
-class TrainData:
-    """What the top trains and validates on: the train images (paths, content digests, label indices),
-    their activations (computed on demand) and the clean val activations as a dataset."""
-    acts: Activations
-    paths: list[str]
-    digests: list[bytes]
-    labels: list[int]
-    n_classes: int
-    val: tf.data.Dataset
+class Stacked:
+    """The head-only starting point: backbone + head (uncalibrated) as one model, checked against the cached
+    features, with the val images the stacking parity was measured on."""
+    backbone: keras.Model
+    head: keras.Model
+    model: keras.Model
+    head_meta: dict
+    parity: float
+    parity_paths: list[str]
+    parity_images: np.ndarray
 
 
-@dataclass
-class Resume:
-    """The checkpoint file (None: none kept) and this run's fingerprint (:func:`pipeline.resume.fingerprint`)."""
-    checkpoint: Optional[Path]
-    fp: str
+def stack_head(params: Params, head_path: Path, val_features: Path, raw_dir: Path, expected: dict) -> Stacked:
+    """Build backbone + trained head and assert the stacking parity on the first val images."""
+    # Fine-tuning starts from the head as it was fitted, not from its calibrated copy: a temperature inside
+    # the training graph would scale every gradient into the head and backbone by 1/T, and the stacking
+    # parity below is a check of the uncalibrated function. The fine-tuned model gets its own T at the end.
+    calibrated_head, head_meta = load_model(head_path, expected)
+    head = without_temperature(calibrated_head)
+    with open_features(val_features, expected) as val_ff:  # only the parity rows are read
+        n = min(PARITY_SAMPLES, val_ff.n)
+        parity_paths, parity_features = val_ff.paths[:n], val_ff.features(0, n)
+    backbone = build_backbone(params.backbone)
+    keras.utils.set_random_seed(params.seed)
+    if params.finetune.epochs > 0:  # a bad layer name fails here, before any expensive work
+        unfreeze_start(get_base(backbone), resolve_unfreeze_from(params.finetune.unfreeze_from,
+                                                                 params.backbone.name), params.backbone.name)
+    stacked = build_stacked(backbone, head)
+    parity_images = load_batch([str(raw_dir / q) for q in parity_paths], image_size(params.backbone))
+    parity_images = parity_images.astype(np.float32)
+    parity = check_parity(stacked, head, parity_images, parity_features)
+    log.info("stacking parity on %d val images: max |Δp| = %.2e", len(parity_paths), parity)
+    return Stacked(backbone, head, stacked, head_meta, parity, parity_paths, parity_images)
 
 
-def _train(top: keras.Model, state: TrainState, params: Params, data: TrainData, resume: Resume, live,
-           replicas: int) -> tuple[TrainState, bool]:
-    """Resume from the checkpoint when it belongs to this run, then fit the remaining epochs of ``top``.
-
-    Returns the final state (history, best epoch and its weights) and whether ``fit`` ran.
-    """
-    p = params.finetune
-    if resume.checkpoint is not None and p.resume:
-        restored = restore_checkpoint(resume.checkpoint, resume.fp, top, state.best_weights, p.epochs)
-        if restored is not None:
-            state = restored
-            log.info("resuming from %s after epoch %d (finetune.resume)", resume.checkpoint, state.epoch)
-            log_history(live, state.rows[1:])
-    if state.epoch >= p.epochs or state.stopped:
-        return state, False
-    # finetune.batch_size images per replica: one global batch of that many times the replicas.
-    train_ds, steps = training_stream(data.acts, data.paths, data.digests, data.labels, p.batch_size * replicas,
-                                      params.seed, state.epoch, p.epochs, p.views, replicas)
-    # With finetune.ema the Tracker measures val on the averaged weights itself; Keras' own validation
-    # would only measure the raw ones.
-    top.fit(train_ds, steps_per_epoch=steps, validation_data=None if p.ema else data.val,
-            initial_epoch=state.epoch, epochs=p.epochs, verbose=2,
-            shuffle=False,  # each epoch's stream is already shuffled
-            class_weight=class_weights(np.asarray(data.labels), data.n_classes, p.class_weight),
-            callbacks=[BatchProgress(steps, p.epochs),
-                       Tracker(state, p.patience, resume.checkpoint, resume.fp, ema_val=data.val if p.ema else None),
-                       *live_callbacks(live)])
-    return state, True
+def trainable_top(s: Stacked, p: FinetuneParams, boundary: str, backbone_name: str, steps: int,
+                  replicas: int) -> tuple[Cut, int]:
+    """Unfreeze from ``boundary``, fold BatchNorm scales, cut the stacked model there and compile its top
+    (:mod:`pipeline.finetuning.recipe`) → (the cut, the backbone's trainable weights count)."""
+    base = get_base(s.backbone)
+    n_trainable = unfreeze_from(base, boundary, backbone_name)
+    unfrozen = count_params(base.trainable_weights)
+    if p.fold_bn:  # before the cut: it reads each BN's single inbound node
+        log.info("BatchNorm scale folded into %d unfrozen conv layers (finetune.fold_bn)", fold_bn_scale(base))
+    total = count_params(base.weights)
+    log.info("unfrozen from %s%s: %d trainable tensors, %d of the backbone's %d params (%.0f %%)", boundary,
+             " (finetune.unfreeze_from: auto)" if boundary != p.unfreeze_from else "", n_trainable, unfrozen,
+             total, 100 * unfrozen / total)
+    cut = cut_at(s.backbone, s.head, boundary)
+    compile_top(cut.top, p, steps, replicas)
+    return cut, unfrozen
 
 
-def calibrate(val_probs: np.ndarray, labels: np.ndarray) -> dict:
-    """Fit the kept model's temperature on its val probabilities ``(N, K)`` (labels ``(N,)`` int): its
-    ``temperature`` and the val log loss and ECE before and after."""
-    summary = fit_on_val(val_probs, labels)
-    log.info("fine-tuned model: %s", describe(summary))
-    return summary
-
-
-def bottom_engine() -> tuple[Engine, dict]:
-    """The engine that runs the frozen bottom (ONNX Runtime on CPU, TensorFlow on a GPU) and its description
-    (part of the activation cache key and of the checkpoint fingerprint)."""
-    engine = resolve_engine("auto", has_gpu())
-    # TensorFlow's outputs are bit-identical at one batch shape only (pipeline.inference.compile_uint8).
-    return engine, {"engine": engine, "engine_version": engine_version(engine),
-                    "batch_shape": BOTTOM_BATCH + 1 if engine == "tensorflow" else "any"}
-
-
-def check_split_parity(top: keras.Model, stacked: keras.Model, acts: np.ndarray, images: np.ndarray) -> float:
-    """Max |top(acts) − stacked(images)|: the saved model computes what the top was trained and validated as
-    (up to the float16 storage of the activations); raises :class:`ParityError` above tolerance."""
-    if len(images) == 0:
-        return 0.0
-    diff = float(np.max(np.abs(top.predict_on_batch(acts) - stacked.predict_on_batch(images))))
-    if not diff <= SPLIT_TOLERANCE:
-        raise ParityError(f"split parity failed: the stacked model's probabilities differ from the trained top's on "
-                          f"stored activations by {diff:.2e} (> {SPLIT_TOLERANCE}); delete the activation cache "
-                          "folder (--activation-cache) and re-run")
-    return diff
-
-
-def file_digests(paths: list[str]) -> list[bytes]:
-    """Content sha256 of every file (hashlib releases the GIL on large buffers, so threads overlap I/O)."""
-    with ThreadPoolExecutor(4) as pool:
-        return list(tqdm(pool.map(sha256_digest, paths, chunksize=64), total=len(paths), desc="hash images",
-                         unit="img", file=sys.stderr))
+def train_data(acts: Activations, raw_dir: Path, train: list[Item], val: list[Item], index: dict,
+               batch_size: int) -> tuple[TrainData, list[bytes]]:
+    """The images' content digests and the top's input: activations on demand, clean val activations now
+    → (train data, the digests of ``train + val``)."""
+    train_paths, val_paths = [str(raw_dir / it.path) for it in train], [str(raw_dir / it.path) for it in val]
+    digests = file_digests(train_paths + val_paths)
+    val_d = digests[len(train):]
+    data = TrainData(acts, train_paths, digests[:len(train)], [index[it.label] for it in train], len(index),
+                     clean_dataset(acts, val_paths, val_d, [index[it.label] for it in val], batch_size))
+    return data, digests
 
 
 def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path, head_path: Path,
@@ -316,15 +153,15 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path
         strategy: Optional[tf.distribute.Strategy] = None) -> dict:
     """Fine-tune and save ``model_out``; returns the metrics written to ``metrics_out``.
 
-    ``strategy`` None: :func:`default_strategy` (MirroredStrategy when TensorFlow sees several GPUs).
-    Under a strategy with R replicas each step trains on R × ``finetune.batch_size`` images and the
-    learning rate is scaled by :func:`replica_lr_scale`.
+    ``strategy`` None: :func:`pipeline.finetuning.recipe.default_strategy` (MirroredStrategy when TensorFlow
+    sees several GPUs). Under a strategy with R replicas each step trains on R × ``finetune.batch_size``
+    images and the learning rate is scaled by :func:`pipeline.finetuning.recipe.replica_lr_scale`.
 
-    With ``live_dir``, every epoch is also logged with dvclive (see :func:`start_live`).
+    With ``live_dir``, every epoch is also logged with dvclive (:func:`pipeline.finetuning.progress.start_live`).
     With ``checkpoint``, the training state is saved there after every epoch, and resumed
     from when ``finetune.resume`` is on and the checkpoint belongs to this run.
-    ``activation_cache``: the folder of the frozen bottom's cached activations (:mod:`pipeline.activations`),
-    kept between runs; None: a throw-away folder for this call only.
+    ``activation_cache``: the folder of the frozen bottom's cached activations
+    (:mod:`pipeline.finetuning.activations`), kept between runs; None: a throw-away folder for this call only.
     """
     t0 = time.perf_counter()
     p = params.finetune
@@ -338,109 +175,99 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path
     if replicas > 1:
         log.info("%d replicas (%s): global batch %d, learning rate x %.3g", replicas, type(strategy).__name__,
                  p.batch_size * replicas, replica_lr_scale(p.optimizer, replicas))
-    size = image_size(params.backbone)
-    train = read_manifest(manifest, splits=("train",))
-    val = read_manifest(manifest, splits=("val",))
+    train, val = read_manifest(manifest, splits=("train",)), read_manifest(manifest, splits=("val",))
     # Every variable (head, backbone, optimizer) is created under the strategy's scope.
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
-        # Fine-tuning starts from the head as it was fitted, not from its calibrated copy: a temperature inside
-        # the training graph would scale every gradient into the head and backbone by 1/T, and the stacking
-        # parity below is a check of the uncalibrated function. The fine-tuned model gets its own T at the end.
-        calibrated_head, head_meta = load_model(head_path, expected)
-        head = without_temperature(calibrated_head)
-        with open_features(val_features, expected) as val_ff:  # only the parity rows are read
-            n = min(PARITY_SAMPLES, val_ff.n)
-            parity_paths, parity_features = val_ff.paths[:n], val_ff.features(0, n)
-        backbone = build_backbone(params.backbone)
-        keras.utils.set_random_seed(params.seed)
-        base = get_base(backbone)
-        if p.epochs > 0:  # a bad layer name fails here, before any expensive work
-            unfreeze_start(base, boundary, params.backbone.name)
-        stacked = build_stacked(backbone, head)
-        parity_images = load_batch([str(raw_dir / q) for q in parity_paths], size).astype(np.float32)
-        parity = check_parity(stacked, head, parity_images, parity_features)
-        log.info("stacking parity on %d val images: max |Δp| = %.2e", len(parity_paths), parity)
-        unfrozen = 0
-        if p.epochs > 0:
-            n_trainable = unfreeze_from(base, boundary, params.backbone.name)
-            unfrozen = count_params(base.trainable_weights)
-            if p.fold_bn:  # before the split: it reads each BN's single inbound node
-                log.info("BatchNorm scale folded into %d unfrozen conv layers (finetune.fold_bn)", fold_bn_scale(base))
-            log.info("unfrozen from %s%s: %d trainable tensors, %d of the backbone's %d params (%.0f %%)", boundary,
-                     " (finetune.unfreeze_from: auto)" if boundary != p.unfreeze_from else "", n_trainable, unfrozen,
-                     count_params(base.weights), 100 * unfrozen / count_params(base.weights))
-            split = split_at(backbone, head, boundary)
-            # Compiled once, after the trainable set is final, so the optimizer sees exactly what trains.
-            # training_stream's steps: whole multiples of the replicas, in global batches.
-            _compile(split.top, p, math.ceil((len(train) - len(train) % replicas) / (p.batch_size * replicas)),
-                     replicas)
-    if p.epochs == 0:  # the head-only model, saved as stacked: nothing trains, no activations
-        val_ds = image_dataset([str(raw_dir / it.path) for it in val], size, p.batch_size,
-                               labels=[index[it.label] for it in val])
-        stacked.compile(loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
-        init_loss, init_acc = stacked.evaluate(val_ds, verbose=0)
-        val_probs = stacked.predict(val_ds, verbose=0)
-        state = TrainState(epoch=0, rows=[[0, "", "", float(init_loss), float(init_acc)]],
-                           best_loss=float(init_loss))
-        fitted, live, split_parity, acts = False, None, 0.0, None
-        if live_dir is not None:
-            live = start_live(live_dir, init_loss, init_acc)
-    else:
-        with tempfile.TemporaryDirectory(prefix="activations-") as scratch:
-            engine, engine_desc = bottom_engine()
-            key, desc = cache_key(backbone_provenance(params.backbone), boundary, engine_desc,
-                                  library_versions())
-            cache = ActivationCache(activation_cache if activation_cache is not None else Path(scratch), key, desc,
-                                    split.activation_shape)
-            acts = Activations(cache, lambda: compile_engine(split.bottom, size, engine, BOTTOM_BATCH), params.augment,
-                               params.seed, size, BOTTOM_BATCH)
-            train_paths, val_paths = [str(raw_dir / it.path) for it in train], [str(raw_dir / it.path) for it in val]
-            digests = file_digests(train_paths + val_paths)
-            train_d, val_d = digests[:len(train)], digests[len(train):]
-            val_labels = [index[it.label] for it in val]
-            data = TrainData(acts, train_paths, train_d, [index[it.label] for it in train], len(classes),
-                             clean_dataset(acts, val_paths, val_d, val_labels, p.batch_size))
-            init_loss, init_acc = split.top.evaluate(data.val, verbose=0)
-            # Epoch 0 = the head-only model; it has no training loss, so those cells stay empty.
-            state = TrainState(epoch=0, rows=[[0, "", "", float(init_loss), float(init_acc)]],
-                               best_loss=float(init_loss), best_weights=split.top.get_weights())
+        s = stack_head(params, head_path, val_features, raw_dir, expected)
+        # The training stream's steps: whole multiples of the replicas, in global batches.
+        steps = math.ceil((len(train) - len(train) % replicas) / (p.batch_size * replicas))
+        cut, unfrozen = trainable_top(s, p, boundary, params.backbone.name, steps, replicas) if p.epochs else (None, 0)
+    val_labels = np.asarray([index[it.label] for it in val])
+    with tempfile.TemporaryDirectory(prefix="activations-") as scratch:
+        if cut is None:  # the head-only model, saved as stacked: nothing trains, no activations
+            state, val_probs, acts, live = _head_only(s.model, raw_dir, val, val_labels, params, live_dir)
+            split_parity = 0.0
+        else:
+            acts, engine = _activations(cut, params, boundary, activation_cache or Path(scratch))
+            data, digests = train_data(acts, raw_dir, train, val, index, p.batch_size)
+            init_loss, init_acc = cut.top.evaluate(data.val, verbose=0)
+            state = initial_state(init_loss, init_acc, cut.top.get_weights())
             live = start_live(live_dir, init_loss, init_acc) if live_dir is not None else None
             items = [(it.path, it.label, it.split, d) for it, d in zip(train + val, digests)]
-            fp = fingerprint(params, expected, head_path, items, engine_desc, replicas,
+            fp = fingerprint(params, expected, head_path, items, engine, replicas,
                              unfreeze_from=boundary) if checkpoint else ""
-            state, fitted = _train(split.top, state, params, data, Resume(checkpoint, fp), live, replicas)
-            finish(split.top, state)
-            # The kept weights' val probabilities, for the temperature: the top on the stored clean val activations
-            # (the stacked model's to the split parity below).
-            val_probs = split.top.predict(data.val, verbose=0)
-            by_path = dict(zip(val_paths, val_d))
-            parity_acts = cache.get_many(acts.keys([by_path[str(raw_dir / q)] for q in parity_paths], None))
-            split_parity = check_split_parity(split.top, stacked, parity_acts, parity_images)
-            log.info("split parity on %d val images: max |Δp| = %.2e", len(parity_paths), split_parity)
-    if live is not None and not fitted:
-        live.end()  # no fit, so no DVCLiveCallback to end the run
+            state, fitted = fit_top(cut.top, state, params, data, RunCheckpoint(checkpoint, fp), live, replicas)
+            if live is not None and not fitted:
+                live.end()  # no fit, so no DVCLiveCallback to end the run
+            keep_best(cut.top, state)
+            # The kept weights' val probabilities, for the temperature: the top on the stored clean val
+            # activations (the stacked model's to the cut parity below).
+            val_probs = cut.top.predict(data.val, verbose=0)
+            split_parity = _cut_parity(cut, s, acts, raw_dir, dict(zip(_paths(raw_dir, val), digests[len(train):])))
     # The saved model is for inference: everything frozen again, as a loaded model would be used.
-    base.trainable = False
+    get_base(s.backbone).trainable = False
+    calibration = fit_on_val(val_probs, val_labels)
+    log.info("fine-tuned model: %s", describe(calibration))
     best_acc = next(r[4] for r in state.rows if r[0] == state.best_epoch)
-    calibration = calibrate(val_probs, np.asarray([index[it.label] for it in val]))
+    head_loss, head_acc = state.rows[0][3], state.rows[0][4]
     metrics = {"best_epoch": state.best_epoch, "val_loss": float(state.best_loss), "val_accuracy": float(best_acc),
-               "head_only_val_loss": float(init_loss), "head_only_val_accuracy": float(init_acc),
-               "parity_max_abs_diff": parity, "split_parity_max_abs_diff": split_parity,
+               "head_only_val_loss": float(head_loss), "head_only_val_accuracy": float(head_acc),
+               "parity_max_abs_diff": s.parity, "split_parity_max_abs_diff": split_parity,
                "bottom_images_computed": acts.computed if acts is not None else 0,
                "bottom_seconds": round(acts.seconds, 1) if acts is not None else 0.0,
                "unfreeze_from": boundary, "unfrozen_params": unfrozen,
-               "unfrozen_share": round(unfrozen / count_params(base.weights), 4),
+               "unfrozen_share": round(unfrozen / count_params(get_base(s.backbone).weights), 4),
                "calibration": calibration, "seconds": round(time.perf_counter() - t0, 1)}
-    save_model(with_temperature(stacked, calibration["temperature"]), model_out, {
-        "kind": "finetuned", "class_names": classes, "provenance": expected, "head_type": head_meta["head_type"],
+    save_model(with_temperature(s.model, calibration["temperature"]), model_out, {
+        "kind": "finetuned", "class_names": classes, "provenance": expected, "head_type": s.head_meta["head_type"],
         "finetune_params": as_dict(p), "unfreeze_from": boundary, "seed": params.seed, "best_epoch": state.best_epoch,
         "temperature": calibration["temperature"], "versions": library_versions(),
     })
     write_history(history_out, state.rows)
     write_json(metrics_out, metrics)
-    log.info("fine-tuned: val acc %.4f → %.4f (epoch %d), %.0fs", init_acc, best_acc, state.best_epoch,
+    log.info("fine-tuned: val acc %.4f → %.4f (epoch %d), %.0fs", head_acc, best_acc, state.best_epoch,
              metrics["seconds"])
     return metrics
+
+
+def _paths(raw_dir: Path, items: list[Item]) -> list[str]:
+    return [str(raw_dir / it.path) for it in items]
+
+
+def _head_only(stacked: keras.Model, raw_dir: Path, val: list[Item], val_labels: np.ndarray, params: Params,
+               live_dir: Path | None):
+    """``finetune.epochs: 0``: the stacked head-only model measured on the val images → (state, val
+    probabilities, no activations, the dvclive run)."""
+    val_ds = image_dataset(_paths(raw_dir, val), image_size(params.backbone), params.finetune.batch_size,
+                           labels=list(val_labels))
+    stacked.compile(loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+    init_loss, init_acc = stacked.evaluate(val_ds, verbose=0)
+    val_probs = stacked.predict(val_ds, verbose=0)
+    state = initial_state(init_loss, init_acc, None)
+    live = start_live(live_dir, init_loss, init_acc) if live_dir is not None else None
+    if live is not None:
+        live.end()  # no fit, so no DVCLiveCallback to end the run
+    return state, val_probs, None, live
+
+
+def _activations(cut: Cut, params: Params, boundary: str, folder: Path) -> tuple[Activations, dict]:
+    """The bottom's activations of this run, cached in ``folder`` under the key of what decides them, and the
+    description of the engine that computes them."""
+    engine, engine_desc = bottom_engine()
+    key, desc = cache_key(backbone_provenance(params.backbone), boundary, engine_desc, library_versions())
+    size = image_size(params.backbone)
+    cache = ActivationCache(folder, key, desc, cut.activation_shape)
+    acts = Activations(cache, lambda: compile_engine(cut.bottom, size, engine, BOTTOM_BATCH), params.augment,
+                       params.seed, size, BOTTOM_BATCH)
+    return acts, engine_desc
+
+
+def _cut_parity(cut: Cut, s: Stacked, acts: Activations, raw_dir: Path, digest_of: dict) -> float:
+    """:func:`pipeline.finetuning.parity.check_cut_parity` on the stacking parity's val images."""
+    parity_acts = acts.cache.get_many(acts.keys([digest_of[str(raw_dir / q)] for q in s.parity_paths], None))
+    diff = check_cut_parity(cut.top, s.model, parity_acts, s.parity_images)
+    log.info("cut parity on %d val images: max |Δp| = %.2e", len(s.parity_paths), diff)
+    return diff
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,7 +5,7 @@ the options (docs/predict.md describes them and the output columns). By default 
 ``models/model.onnx``, the fine-tuned model as the ``export`` stage wrote and checked it, on
 ONNX Runtime, with the class names and image size from ``models/serving.json`` beside it:
 no TensorFlow or Keras is imported, nothing is converted, so one image takes a fraction of
-a second. Images are decoded and resized by :func:`pipeline.images.load_image`, the one
+a second. Images are decoded and resized by :func:`pipeline.data.images.load_image`, the one
 decoder every stage uses (Pillow, EXIF orientation, alpha on white, bilinear squash to the
 model's size), and the model carries its own preprocessing, so a prediction here equals the
 Keras model's for the same file (to 1e-5, the export stage's check). A ``.keras`` model
@@ -24,13 +24,14 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from pipeline.core.io import PipelineError, setup_logging, sha256_file, user_errors, write_csv, write_json
+from pipeline.data.images import IMAGE_EXTENSIONS
+from pipeline.data.scanning import image_files
+
 # Only modules that import neither TensorFlow nor Keras at import time (tests/test_predict.py checks it).
-from pipeline import tta as tta_views
-from pipeline.engines import onnx_session
-from pipeline.images import IMAGE_EXTENSIONS
-from pipeline.inference import Infer, batched_outputs
-from pipeline.io_utils import PipelineError, setup_logging, sha256_file, user_errors, write_csv, write_json
-from pipeline.scanning import image_files
+from pipeline.runtime import tta as tta_views
+from pipeline.runtime.engines import onnx_session
+from pipeline.runtime.inference import Infer, batched_outputs
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +126,8 @@ def load_onnx(model_path: Path, meta_path: Optional[Path] = None) -> LoadedModel
 
 def load_keras(model_path: Path, batch_size: int, engine: str = "auto") -> LoadedModel:
     """A fine-tuned ``.keras`` model (+ sidecar) through TensorFlow: the slow path, kept for models never exported."""
-    from pipeline.engines import compile_engine, has_gpu, resolve_engine
-    from pipeline.models import load_model
+    from pipeline.models.heads import load_model
+    from pipeline.runtime.engines import compile_engine, has_gpu, resolve_engine
 
     model, meta = load_model(model_path)
     if len(model.input_shape) != 4:
@@ -141,7 +142,7 @@ def load_keras(model_path: Path, batch_size: int, engine: str = "auto") -> Loade
 def predict_paths(infer: Infer, paths: Sequence[str], size: int, batch_size: int = 32,
                   progress: bool = True) -> Iterable[Prediction]:
     """Yield one :class:`Prediction` per path, in order, through evaluate's image → probabilities path
-    (:func:`pipeline.inference.batched_outputs`; a file that does not decode gets its error)."""
+    (:func:`pipeline.runtime.inference.batched_outputs`; a file that does not decode gets its error)."""
     batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
     outputs = batched_outputs(infer, paths, size, batch_size, tolerant=True, desc="predict", progress=progress)
     for batch, (probs, errors) in zip(batches, outputs):
@@ -219,7 +220,7 @@ def run(*, inputs: Sequence[str | Path], model_path: Path = DEFAULT_MODEL, meta_
     """Predict every image in ``inputs`` with ``model_path`` (``.onnx``: ONNX Runtime, metadata from
     ``meta_path``; ``.keras``: TensorFlow on ``engine``); write ``out`` as ``fmt``; return the predictions.
 
-    ``tta``: average each image's probabilities over the views of :data:`pipeline.tta.TTA_VIEWS` (the image
+    ``tta``: average each image's probabilities over the views of :data:`pipeline.runtime.tta.TTA_VIEWS` (the image
     and its mirror), as ``evaluate.tta`` does; twice the inference."""
     if fmt not in FORMATS:
         raise PipelineError(f"unknown output format {fmt!r}; use one of {FORMATS}")

@@ -1,6 +1,6 @@
 """Stage 1: a folder of images (one sub-folder per class) → checked images and a deterministic split.
 
-Every image file is decoded by :func:`pipeline.images.load_image`, the decoder every later
+Every image file is decoded by :func:`pipeline.data.images.load_image`, the decoder every later
 stage uses (in parallel threads: Pillow releases the GIL while it decodes), so nothing that
 enters the manifest can fail to decode later. Files that cannot be used go to the quarantine
 report (path, kind, reason), and the good images proceed: the run fails only when the
@@ -33,11 +33,11 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from pipeline.images import IMAGE_EXTENSIONS, ImageDecodeError, load_image
-from pipeline.io_utils import setup_logging, user_errors, write_csv, write_json
-from pipeline.manifest import SPLITS, Item, write_manifest
-from pipeline.params import DataParams, load_params
-from pipeline.scanning import DatasetError, Quarantined, Scanner, printable
+from pipeline.core.io import setup_logging, user_errors, write_csv, write_json
+from pipeline.core.manifest import SPLITS, Item, write_manifest
+from pipeline.core.params import DataParams, load_params
+from pipeline.data.images import IMAGE_EXTENSIONS, ImageDecodeError, load_image
+from pipeline.data.scanning import DatasetError, Quarantined, Scanner, printable
 
 log = logging.getLogger(__name__)
 

@@ -22,13 +22,13 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, log_loss
 
-from pipeline.backbones import feature_provenance
-from pipeline.calibration import describe, fit_on_val
-from pipeline.features import FeatureFile, FeatureSet, open_features
-from pipeline.io_utils import library_versions, read_json, setup_logging, user_errors, write_json
-from pipeline.models import build_head, logreg_to_dense_weights, predict_features, save_model, with_temperature
-from pipeline.params import Params, as_dict, load_params
-from pipeline.training import class_weights, write_history
+from pipeline.backbones.build import feature_provenance
+from pipeline.core.io import library_versions, read_json, setup_logging, user_errors, write_json
+from pipeline.core.params import Params, as_dict, load_params
+from pipeline.extraction.features import FeatureFile, FeatureSet, open_features
+from pipeline.models.calibration import describe, fit_on_val
+from pipeline.models.heads import build_head, logreg_to_dense_weights, predict_features, save_model, with_temperature
+from pipeline.models.training import class_weights, write_history
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def split_metrics(head: keras.Model, ff: FeatureFile, n_classes: int) -> dict:
 
 
 def calibrate(head: keras.Model, val: FeatureFile) -> tuple[keras.Model, dict]:
-    """Fit the head's temperature on the val features → (the head with its :class:`pipeline.models.Temperature`
+    """Fit the head's temperature on the val features → (the head with its :class:`pipeline.models.heads.Temperature`
     layer, a summary: ``temperature`` and the val log loss and ECE before and after)."""
     summary = fit_on_val(predict_features(head, val), val.labels)
     log.info("head: %s", describe(summary))

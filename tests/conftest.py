@@ -12,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw
 
-from pipeline.params import Params, parse_params
+from pipeline.core.params import Params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
@@ -128,7 +128,7 @@ def pipeline_until_head(tmp_path: Path, per_class: int = 12, **overrides) -> tup
     Returns (raw image folder, out folder, split → feature file, Params).
     """
     from pipeline import extract, prepare, train_head
-    from pipeline.manifest import SPLITS
+    from pipeline.core.manifest import SPLITS
 
     raw = make_images(tmp_path / "raw", per_class=per_class)
     params = as_params(tiny_params(str(raw), **overrides))

@@ -15,8 +15,8 @@ import pytest
 from conftest import as_params, make_images, tiny_params
 
 from pipeline import audit, prepare
-from pipeline.features import create_feature_file
-from pipeline.manifest import SPLITS, read_manifest
+from pipeline.core.manifest import SPLITS, read_manifest
+from pipeline.extraction.features import create_feature_file
 
 CLASSES = ("circle", "square", "stripes")
 

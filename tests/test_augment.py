@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 from conftest import as_params, make_images, tiny_params
 
-from pipeline import extract, finetune, prepare, train_head
-from pipeline.augment import augment, augment_uint8, view_key
-from pipeline.backbones import build_backbone
-from pipeline.engines import compile_engine, has_gpu, resolve_engine
-from pipeline.features import FeatureSet
-from pipeline.images import load_image
-from pipeline.manifest import SPLITS
-from pipeline.params import AugmentParams
+from pipeline import extract, prepare, train_head
+from pipeline.backbones.build import build_backbone
+from pipeline.core.manifest import SPLITS
+from pipeline.core.params import AugmentParams
+from pipeline.data.augment import augment, augment_uint8, view_key
+from pipeline.data.images import load_image
+from pipeline.extraction.features import FeatureSet
+from pipeline.finetuning.recipe import build_optimizer, learning_rate_schedule
+from pipeline.runtime.engines import compile_engine, has_gpu, resolve_engine
 
 
 def _images(n: int, size: int = 32) -> np.ndarray:
@@ -106,7 +107,7 @@ def test_head_is_fitted_on_every_image_and_its_views():
 def test_learning_rate_warms_up_then_follows_the_schedule(schedule):
     p = as_params(tiny_params(**{"finetune.epochs": 4, "finetune.warmup_epochs": 1, "finetune.schedule": schedule,
                                  "finetune.learning_rate": 1e-3})).finetune
-    lr = finetune.learning_rate_schedule(p, steps_per_epoch=10)
+    lr = learning_rate_schedule(p, steps_per_epoch=10)
     values = [float(lr(step)) for step in range(41)]
     assert values[0] == 0.0 and values[5] == pytest.approx(5e-4) and values[10] == pytest.approx(1e-3)
     if schedule == "cosine":
@@ -119,7 +120,7 @@ def test_learning_rate_warms_up_then_follows_the_schedule(schedule):
 def test_optimizer_choice():
     def opt(**kw):
         p = as_params(tiny_params(**{f"finetune.{k}": v for k, v in kw.items()})).finetune
-        return finetune.build_optimizer(p, steps_per_epoch=10)
+        return build_optimizer(p, steps_per_epoch=10)
     import keras
     assert type(opt(optimizer="adam")) is keras.optimizers.Adam
     sgd = opt(optimizer="sgd", momentum=0.8)

@@ -7,8 +7,10 @@ import onnxruntime as ort
 import pytest
 from conftest import pipeline_until_head
 
-from pipeline import evaluate, export, finetune, tta
-from pipeline.calibration import (
+from pipeline import evaluate, export, finetune
+from pipeline.data.images import load_batch
+from pipeline.extraction.features import ProvenanceError, read_features
+from pipeline.models.calibration import (
     COVERAGE_THRESHOLDS,
     apply_temperature,
     coverage_curve,
@@ -17,9 +19,7 @@ from pipeline.calibration import (
     nll,
     reliability_bins,
 )
-from pipeline.features import ProvenanceError, read_features
-from pipeline.images import load_batch
-from pipeline.models import (
+from pipeline.models.heads import (
     TEMPERATURE_LAYER,
     build_head,
     load_model,
@@ -29,6 +29,7 @@ from pipeline.models import (
     with_temperature,
     without_temperature,
 )
+from pipeline.runtime import tta
 
 
 def _softmax(z):

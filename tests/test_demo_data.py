@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import demo_data
-from pipeline.io_utils import PipelineError
+from pipeline.core.io import PipelineError
 
 
 def _files(root: Path) -> dict[str, bytes]:

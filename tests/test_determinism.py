@@ -19,9 +19,9 @@ import yaml
 from conftest import ROOT, as_params, make_hostile_folder, tiny_params
 
 from pipeline import evaluate, extract, finetune, prepare, train_head
-from pipeline.features import read_features
-from pipeline.manifest import SPLITS
-from pipeline.models import load_model
+from pipeline.core.manifest import SPLITS
+from pipeline.extraction.features import read_features
+from pipeline.models.heads import load_model
 
 PARAMS = {"data.max_rejected_fraction": 0.5, "head.type": "dense", "head.dense.epochs": 5,
           "head.class_weight": "balanced", "finetune.epochs": 0}

@@ -14,7 +14,7 @@ import sys
 import yaml
 from conftest import ROOT, pipeline_until_head, tiny_params
 
-from pipeline.manifest import read_manifest
+from pipeline.core.manifest import read_manifest
 
 CHILD = r'''
 import json, sys
@@ -25,7 +25,7 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras, yaml
 from pipeline import finetune
-from pipeline.params import parse_params
+from pipeline.core.params import parse_params
 
 out = Path(sys.argv[1])
 raw = yaml.safe_load((out / "params.yaml").read_text())
@@ -69,7 +69,7 @@ def test_two_replicas_match_one_device_and_resume_works(tmp_path):
     raw, out, _, _ = pipeline_until_head(tmp_path, per_class=13, **overrides)
     (out / "params.yaml").write_text(yaml.safe_dump(tiny_params(str(raw), **overrides)))
     # An even training split: the 2-replica run then uses every image, as the 1-device run does
-    # (with an odd one it would leave one out per epoch, see pipeline.train_stream.training_stream).
+    # (with an odd one it would leave one out per epoch, see pipeline.finetuning.stream.training_stream).
     n_train = len(read_manifest(out / "manifest.csv", splits=("train",)))
     assert n_train % 2 == 0 and n_train % 8 != 0, n_train  # and the last global batch is a short one
     proc = subprocess.run([sys.executable, "-c", CHILD, str(out)], cwd=ROOT, capture_output=True, text=True,

@@ -170,9 +170,9 @@ def test_missing_raw_dir_is_one_line_that_says_what_to_do(tmp_path):
 
 EXP_PROJECT_STAGE = """stages:
   show_lr:
-    cmd: python -c "from pipeline.params import load_params; print(load_params().finetune.learning_rate)" > lr.txt
+    cmd: python -c "from pipeline.core.params import load_params; print(load_params().finetune.learning_rate)" > lr.txt
     deps:
-      - pipeline/params.py
+      - pipeline/core/params.py
     params:
       - finetune.learning_rate
     outs:

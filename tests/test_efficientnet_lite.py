@@ -17,15 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.efficientnet_lite import (
+from pipeline.backbones.efficientnet_lite import (
     BLOCK_BOUNDARIES,
     LITE0_WEIGHTS_ID,
     EfficientNetLite0,
-    default_weights_path,
     load_torch_weights,
 )
-from pipeline.images import load_image
-from pipeline.torch_legacy import LEGACY_MAGIC_NUMBER, load_legacy_state_dict
+from pipeline.backbones.torch_legacy import LEGACY_MAGIC_NUMBER, load_legacy_state_dict
+from pipeline.backbones.weights import lite0_weights_path
+from pipeline.data.images import load_image
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
@@ -154,7 +154,7 @@ def test_reads_fake_checkpoint_views_and_shared_storage(fake_checkpoint) -> None
 
 
 def test_real_checkpoint_entries() -> None:
-    path = default_weights_path()
+    path = lite0_weights_path()
     assert os.path.basename(path) == LITE0_WEIGHTS_ID
     sd = load_legacy_state_dict(path)
     assert len(sd) == 296
@@ -225,7 +225,7 @@ def test_refuses_arbitrary_globals(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def state_dict() -> dict[str, np.ndarray]:
-    return load_legacy_state_dict(default_weights_path())
+    return load_legacy_state_dict(lite0_weights_path())
 
 
 @pytest.fixture(scope="module")

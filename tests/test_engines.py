@@ -1,4 +1,4 @@
-"""The inference engines (pipeline/engines.py): ONNX Runtime against the TensorFlow reference.
+"""The inference engines (pipeline/runtime/engines.py): ONNX Runtime against the TensorFlow reference.
 
 Real components throughout: the Keras backbone build_backbone returns, converted by tf2onnx and
 run by ONNX Runtime; real HDF5 files and feature cache from extract.run.
@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 from conftest import ROOT, as_params, make_images, tiny_params
 
-from pipeline import converters, engines, evaluate, extract, prepare
-from pipeline.backbones import build_backbone
-from pipeline.manifest import SPLITS
-from pipeline.params import ParamsError
+from pipeline import evaluate, extract, prepare
+from pipeline.backbones.build import build_backbone
+from pipeline.core.manifest import SPLITS
+from pipeline.core.params import ParamsError
 from pipeline.predict import run as predict_run
+from pipeline.runtime import converters, engines
 
-# The documented claims (README "Inference engines", pipeline/engines.py), written here as numbers, not imported:
+# The documented claims (README "Inference engines", pipeline/runtime/engines.py), as numbers, not imported:
 # features of the same image on ONNX Runtime and TensorFlow within 3e-5 (float32 rounding in another summation
 # order; measured 5e-6 at 224 px, 1.6e-5 at this suite's 64 px, on features up to ~5-6) ...
 FEATURE_TOLERANCE = 3e-5
@@ -165,7 +166,7 @@ def test_one_plan_per_engine_decides_device_precision_and_batch():
     # its choices must be this module's records.
     import typing
 
-    from pipeline.params import EvaluateParams, ExtractParams
+    from pipeline.core.params import EvaluateParams, ExtractParams
 
     for cls in (ExtractParams, EvaluateParams):
         assert typing.get_args(typing.get_type_hints(cls)["engine"]) == ("auto", *engines.ENGINES)
@@ -175,8 +176,9 @@ def test_versions_and_keras_home_are_read_without_importing_tensorflow():
     import subprocess
     import sys
 
-    code = ("import sys; from pipeline.io_utils import library_versions; from pipeline.registry import "
-            "keras_cache_dir; from pipeline.engines import has_gpu; v = library_versions(); d = keras_cache_dir(); "
+    code = ("import sys; from pipeline.core.io import library_versions; from pipeline.backbones.weights import "
+            "keras_cache_dir; from pipeline.runtime.engines import has_gpu; v = library_versions(); "
+            "d = keras_cache_dir(); "
             "has_gpu(); print('tensorflow' in sys.modules or 'keras' in sys.modules, v['tensorflow'], d)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     imported, version, folder = out.stdout.split()

@@ -16,10 +16,17 @@ import pytest
 from conftest import ROOT, as_params, make_images, tiny_params
 
 from pipeline import extract, finetune, prepare, train_head
-from pipeline.backbones import block_boundaries, boundary_shares, build_backbone, count_params, get_base, unfreeze_from
-from pipeline.manifest import SPLITS
-from pipeline.params import FinetuneParams, load_params
-from pipeline.registry import REGISTRY
+from pipeline.backbones.build import (
+    block_boundaries,
+    boundary_shares,
+    build_backbone,
+    count_params,
+    get_base,
+)
+from pipeline.backbones.registry import REGISTRY
+from pipeline.core.manifest import SPLITS
+from pipeline.core.params import FinetuneParams, load_params
+from pipeline.finetuning.recipe import unfreeze_from
 
 # The share of a backbone's weights its default boundary unfreezes: "the last stage or two", neither
 # the head alone nor the whole network (efficientnet_lite0's block6a_expand_conv: 0.77).
@@ -90,7 +97,7 @@ def test_every_backbone_finetunes_with_default_params(prepared, tmp_path, name):
 
 
 def test_the_listing_marks_the_auto_boundary_and_each_share(capsys):
-    from pipeline.backbones import main
+    from pipeline.backbones.build import main
 
     main(["mobilenet_v2"])
     out = capsys.readouterr().out

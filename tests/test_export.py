@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import load_image
-from pipeline.io_utils import sha256_file
-from pipeline.manifest import read_manifest
-from pipeline.models import load_model
+from pipeline.core.io import sha256_file
+from pipeline.core.manifest import read_manifest
+from pipeline.data.images import load_image
+from pipeline.models.heads import load_model
 
 pytestmark = pytest.mark.slow
 

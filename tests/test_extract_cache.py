@@ -13,8 +13,9 @@ import numpy as np
 import yaml
 from conftest import ROOT, as_params, make_images, tiny_params
 
-from pipeline import extract, feature_work, prepare
-from pipeline.manifest import SPLITS, read_manifest
+from pipeline import extract, prepare
+from pipeline.core.manifest import SPLITS, read_manifest
+from pipeline.extraction import work as feature_work
 
 
 def _setup(tmp_path: Path, per_class: int = 12, **overrides):

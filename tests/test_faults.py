@@ -26,22 +26,23 @@ import yaml
 from conftest import ROOT, as_params, make_images, tiny_params
 
 from pipeline import evaluate, extract, finetune, prepare, train_head
-from pipeline.backbones import BackboneError, feature_provenance
-from pipeline.features import ProvenanceError, read_features
-from pipeline.manifest import SPLITS
-from pipeline.models import load_model
-from pipeline.resume import TrainState, restore_checkpoint, save_checkpoint
+from pipeline.backbones.build import feature_provenance
+from pipeline.backbones.registry import BackboneError
+from pipeline.core.manifest import SPLITS
+from pipeline.extraction.features import ProvenanceError, read_features
+from pipeline.finetuning.checkpoint import TrainState, restore_checkpoint, save_checkpoint
+from pipeline.models.heads import load_model
 
 # Runs a stage's main() with a slow decoder: every decode touches $FAULT_MARKER, then sleeps.
 SLOW_STAGE = """
 import os, runpy, sys, time
-import pipeline.images as images
+import pipeline.data.images as images
 _load = images.load_image
 def slow_load(*args, **kwargs):
     open(os.environ["FAULT_MARKER"], "a").close()
     time.sleep(float(os.environ["FAULT_DELAY"]))
     return _load(*args, **kwargs)
-images.load_image = slow_load  # before the stage imports pipeline.datasets
+images.load_image = slow_load  # before the stage imports pipeline.data.datasets
 module = sys.argv[1]
 sys.argv = [module] + sys.argv[2:]
 runpy.run_module(module, run_name="__main__", alter_sys=True)
@@ -374,8 +375,8 @@ def test_a_model_file_swapped_under_its_sidecar_is_refused(project, tmp_path):
 
 
 def test_weights_files_of_the_wrong_architecture_are_refused(tmp_path):
-    from pipeline.backbones import build_backbone
-    from pipeline.params import parse_params
+    from pipeline.backbones.build import build_backbone
+    from pipeline.core.params import parse_params
 
     empty = tmp_path / "empty.weights.h5"
     empty.write_bytes(b"")
@@ -438,7 +439,7 @@ def test_checkpoint_round_trip_and_refusals(tmp_path, caplog):
 
     c = _tiny_model(3)
     untouched = [w.copy() for w in c.get_weights()]
-    with caplog.at_level(logging.INFO, logger="pipeline.resume"):
+    with caplog.at_level(logging.INFO, logger="pipeline.finetuning.checkpoint"):
         assert restore_checkpoint(ckpt, "fp-B", c, untouched, max_epochs=5) is None
         assert "belongs to another run" in caplog.text
         assert restore_checkpoint(ckpt, "fp-A", c, untouched, max_epochs=1) is None
@@ -464,7 +465,7 @@ def _ema_model(seed: int):
 def test_ema_tracker_measures_and_keeps_the_average_and_resumes_bit_exact(tmp_path):
     # finetune.ema: val is measured on the optimizer's moving average, the kept epoch is the average, the
     # trained weights go on untouched, and a run resumed from the checkpoint equals an uninterrupted one.
-    from pipeline.tracker import Tracker
+    from pipeline.finetuning.tracker import Tracker
 
     x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
     y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype("int64")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.feature_cache import FeatureCache, write_chunk
+from pipeline.extraction.cache import FeatureCache, write_chunk
 
 
 def _digests(tag: int, n: int) -> list[bytes]:

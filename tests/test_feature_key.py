@@ -1,6 +1,6 @@
 """The feature cache key changes when features can, and only then.
 
-It hashes what decides a feature vector (pipeline.feature_cache.model_key): the resolved backbone
+It hashes what decides a feature vector (pipeline.extraction.cache.model_key): the resolved backbone
 (weights digest, architecture, size, pooling, decoder + preprocessing), the engine, its version
 and precision, library versions, and the code that computes features by its syntax tree, followed
 from the decode / augment / network / conversion / engine entry points. These tests edit a copy
@@ -14,9 +14,9 @@ import pytest
 from conftest import ROOT, as_params, make_images, tiny_params
 
 from pipeline import extract, prepare
-from pipeline.feature_cache import FEATURE_CODE, code_fingerprint, feature_code_files, model_key
-from pipeline.manifest import SPLITS
-from pipeline.registry import resolve
+from pipeline.backbones.registry import resolve
+from pipeline.core.manifest import SPLITS
+from pipeline.extraction.cache import FEATURE_CODE, code_fingerprint, feature_code_files, model_key
 
 
 @pytest.fixture()
@@ -34,33 +34,34 @@ def _edit(root: Path, name: str, old: str, new: str) -> None:
 
 def test_the_feature_code_reaches_decode_augment_network_and_engines():
     files = feature_code_files()
-    for f in ("pipeline/images.py", "pipeline/augment.py", "pipeline/backbones.py", "pipeline/efficientnet_lite.py",
-              "pipeline/torch_legacy.py", "pipeline/registry.py", "pipeline/converters.py", "pipeline/engines.py",
-              "pipeline/inference.py", "pipeline/feature_work.py"):
+    for f in ("pipeline/data/images.py", "pipeline/data/augment.py", "pipeline/backbones/build.py",
+              "pipeline/backbones/efficientnet_lite.py", "pipeline/backbones/torch_legacy.py",
+              "pipeline/backbones/registry.py", "pipeline/runtime/converters.py", "pipeline/runtime/engines.py",
+              "pipeline/runtime/inference.py", "pipeline/extraction/work.py"):
         assert f in files, f"{f} holds code that computes features but is not in the key"
-    for f in ("pipeline/params.py", "pipeline/finetune.py", "pipeline/models.py", "pipeline/train_head.py",
-              "pipeline/extract.py", "pipeline/export.py", "pipeline/evaluate.py"):
+    for f in ("pipeline/core/params.py", "pipeline/finetune.py", "pipeline/models/heads.py", "pipeline/train_head.py",
+              "pipeline/extract.py", "pipeline/export.py", "pipeline/evaluate.py", "pipeline/finetuning/recipe.py"):
         assert f not in files, f"{f} computes no feature but is in the key"
     assert len(FEATURE_CODE) == len(set(FEATURE_CODE))
 
 
 @pytest.mark.parametrize("name, old, new", [
     # A new param (any section): params.py is not feature code; its values enter the key as values.
-    ("pipeline/params.py", "    pooling: Literal[\"avg\", \"max\"] = \"avg\"\n",
+    ("pipeline/core/params.py", "    pooling: Literal[\"avg\", \"max\"] = \"avg\"\n",
      "    pooling: Literal[\"avg\", \"max\"] = \"avg\"\n    note: str = \"x\"\n"),
-    # Fine-tune-only code beside the builder.
-    ("pipeline/backbones.py", "        folded += 1\n", "        folded += 1\n        folded += 0\n"),
-    ("pipeline/backbones.py", "def count_params(weights: list) -> int:",
+    # Fine-tune-only code: the recipe, and beside the builder.
+    ("pipeline/finetuning/recipe.py", "        folded += 1\n", "        folded += 1\n        folded += 0\n"),
+    ("pipeline/backbones/build.py", "def count_params(weights: list) -> int:",
      "def count_params(weights: list, extra: int = 0) -> int:"),
     # Comments, docstrings and annotations in the very code that computes features.
-    ("pipeline/images.py", "def load_image(", "# a comment\ndef load_image("),
-    ("pipeline/augment.py", "def augment_uint8(", "def augment_uint8(  # why\n"),
-    ("pipeline/backbones.py", "    Modes: ``tf`` (x/127.5 − 1)", "    Modes (reworded): ``tf`` (x/127.5 − 1)"),
+    ("pipeline/data/images.py", "def load_image(", "# a comment\ndef load_image("),
+    ("pipeline/data/augment.py", "def augment_uint8(", "def augment_uint8(  # why\n"),
+    ("pipeline/backbones/build.py", "    Modes: ``tf`` (x/127.5 − 1)", "    Modes (reworded): ``tf`` (x/127.5 − 1)"),
     # Code outside the feature path: the stages, the CLI, the head.
     ("pipeline/extract.py", "WRITE_BLOCK = 1024", "WRITE_BLOCK = 2048"),
     # A definition nothing on the feature path calls.
-    ("pipeline/augment.py", "def augment_uint8(", "def _unused():\n    pass\n\n\ndef augment_uint8("),
-    ("pipeline/training.py", "def write_history(", "UNUSED = 1\n\n\ndef write_history("),
+    ("pipeline/data/augment.py", "def augment_uint8(", "def _unused():\n    pass\n\n\ndef augment_uint8("),
+    ("pipeline/models/training.py", "def write_history(", "UNUSED = 1\n\n\ndef write_history("),
 ])
 def test_edits_that_cannot_change_features_keep_the_key(project, name, old, new):
     before = code_fingerprint(project)
@@ -70,15 +71,15 @@ def test_edits_that_cannot_change_features_keep_the_key(project, name, old, new)
 
 
 @pytest.mark.parametrize("name, old, new", [
-    ("pipeline/images.py", "RESAMPLE = ", "RESAMPLE = 1 or "),  # the decoder's resampling
-    ("pipeline/backbones.py", "return x / 127.5 - 1.0", "return x / 128.0 - 1.0"),  # preprocessing code
-    ("pipeline/augment.py", "uniform(-1.0, 1.0, 5)", "uniform(-1.0, 1.0, 6)"),  # how a view is drawn
-    ("pipeline/efficientnet_lite.py", "BN_EPSILON = 1e-3", "BN_EPSILON = 1e-5"),  # the network
-    ("pipeline/torch_legacy.py", "def _read_exact(", "def _read_exact(*_extra, "),  # reading the weights
-    ("pipeline/converters.py", "ONNX_OPSET = 17", "ONNX_OPSET = 18"),  # the conversion
-    ("pipeline/engines.py", "ORT_ENABLE_ALL", "ORT_ENABLE_BASIC"),  # ONNX Runtime's graph optimizations
-    ("pipeline/inference.py", "shape = (batch_size + 1, size, size, 3)", "shape = (batch_size, size, size, 3)"),
-    ("pipeline/registry.py", '"efficientnet_lite0", _lite0_build, _lite0_imagenet, "tf", 224',
+    ("pipeline/data/images.py", "RESAMPLE = ", "RESAMPLE = 1 or "),  # the decoder's resampling
+    ("pipeline/backbones/build.py", "return x / 127.5 - 1.0", "return x / 128.0 - 1.0"),  # preprocessing code
+    ("pipeline/data/augment.py", "uniform(-1.0, 1.0, 5)", "uniform(-1.0, 1.0, 6)"),  # how a view is drawn
+    ("pipeline/backbones/efficientnet_lite.py", "BN_EPSILON = 1e-3", "BN_EPSILON = 1e-5"),  # the network
+    ("pipeline/backbones/torch_legacy.py", "def _read_exact(", "def _read_exact(*_extra, "),  # reading the weights
+    ("pipeline/runtime/converters.py", "ONNX_OPSET = 17", "ONNX_OPSET = 18"),  # the conversion
+    ("pipeline/runtime/engines.py", "ORT_ENABLE_ALL", "ORT_ENABLE_BASIC"),  # ONNX Runtime's graph optimizations
+    ("pipeline/runtime/inference.py", "shape = (batch_size + 1, size, size, 3)", "shape = (batch_size, size, size, 3)"),
+    ("pipeline/backbones/registry.py", '"efficientnet_lite0", _lite0_build, _lite0_imagenet, "tf", 224',
      '"efficientnet_lite0", _lite0_build, _lite0_imagenet, "caffe", 224'),
 ])
 def test_edits_that_can_change_features_move_the_key(project, name, old, new):
@@ -102,7 +103,7 @@ def test_the_key_follows_preprocessing_weights_engine_and_libraries(tmp_path):
     assert base != _key(tiny_params(**{"backbone.weights": "none"}))
     weights = resolve(as_params(tiny_params()).backbone).weights_arg
     assert weights == "imagenet"
-    from pipeline.registry import lite0_weights_path
+    from pipeline.backbones.weights import lite0_weights_path
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -136,7 +137,7 @@ def test_params_outside_the_feature_path_reuse_every_cached_feature(tmp_path):
 
 
 def test_the_converted_backbone_is_kept_with_its_features_and_reused(tmp_path, monkeypatch):
-    import pipeline.converters as converters
+    import pipeline.runtime.converters as converters
 
     raw = make_images(tmp_path / "raw", per_class=12)
     cache = tmp_path / "cache"

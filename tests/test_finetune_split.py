@@ -14,27 +14,25 @@ import numpy as np
 import pytest
 
 from pipeline import finetune
-from pipeline.activations import ActivationCache, Activations, cache_key, view_key
-from pipeline.augment import augment_uint8
-from pipeline.augment import view_key as extract_view_key
-from pipeline.backbones import (
-    BackboneError,
+from pipeline.backbones.build import (
     Preprocess,
     backbone_provenance,
     build_backbone,
-    fold_bn_scale,
     get_base,
-    image_size,
     resolve_unfreeze_from,
-    unfreeze_from,
 )
-from pipeline.engines import compile_engine
-from pipeline.images import load_batch
-from pipeline.io_utils import library_versions, read_json
-from pipeline.manifest import read_manifest
-from pipeline.models import build_stacked, load_model
-from pipeline.split import split_at
-from pipeline.train_stream import epoch_view
+from pipeline.backbones.registry import BackboneError, image_size
+from pipeline.core.io import file_digests, library_versions, read_json
+from pipeline.core.manifest import read_manifest
+from pipeline.data.augment import augment_uint8, finetune_views, view_key
+from pipeline.data.images import load_batch
+from pipeline.finetuning.activations import ActivationCache, Activations, bottom_engine, cache_key
+from pipeline.finetuning.cut import cut_at
+from pipeline.finetuning.parity import CUT_TOLERANCE
+from pipeline.finetuning.recipe import fold_bn_scale, unfreeze_from
+from pipeline.finetuning.stream import epoch_view
+from pipeline.models.heads import build_stacked, load_model
+from pipeline.runtime.engines import compile_engine
 from tests.conftest import pipeline_until_head
 
 # float16 keeps 11 significant bits: relative rounding <= 2^-11 ≈ 4.9e-4; ONNX Runtime vs TensorFlow
@@ -54,12 +52,12 @@ def test_stored_activations_are_the_full_models_boundary_and_extracts_views(tmp_
     cut = resolve_unfreeze_from(params.finetune.unfreeze_from, params.backbone.name)
     unfreeze_from(base, cut, params.backbone.name)
     fold_bn_scale(base)
-    split = split_at(backbone, head, cut)
+    split = cut_at(backbone, head, cut)
 
     train = read_manifest(out / "manifest.csv", splits=("train",))
     paths = [str(raw / it.path) for it in train]
-    digests = finetune.file_digests(paths)
-    _, desc = finetune.bottom_engine()
+    digests = file_digests(paths)
+    _, desc = bottom_engine()
     key, kdesc = cache_key(backbone_provenance(params.backbone), split.boundary, desc, library_versions())
     with tempfile.TemporaryDirectory() as scratch:
         cache = ActivationCache(Path(scratch), key, kdesc, split.activation_shape)
@@ -85,14 +83,14 @@ def test_stored_activations_are_the_full_models_boundary_and_extracts_views(tmp_
 
     # View 0 is the bottom's output on the image augmented by its own key (content, seed, view), rounded to
     # uint8 like a decoded image: what the full model computes at the boundary for that view.
-    keys = [view_key(d, params.seed, 0) for d in digests]
+    keys = [view_key(d, 0, finetune_views(params.seed)) for d in digests]
     ref_view = inner(Preprocess(backbone.get_layer("preprocess").mode)(
         augment_uint8(load_batch(paths, size), params.augment, keys).astype(np.float32))).numpy()
     err = np.abs(view0 - ref_view)
     assert np.all(err <= REL_TOL * np.abs(ref_view) + ABS_TOL), f"max error {err.max():.2e}"
     assert np.abs(view0 - clean).max() > 1.0  # the view is augmented, not the clean image
     # Fine-tuning's views are not extract's (the head was fitted on those): every key differs.
-    assert all(k != extract_view_key(d, 0) for k, d in zip(keys, digests))
+    assert all(k != view_key(d, 0) for k, d in zip(keys, digests))
     assert epoch_view(0, params.finetune.views) == 0 == epoch_view(params.finetune.views, params.finetune.views)
 
 
@@ -112,7 +110,7 @@ def test_a_run_from_a_warm_activation_cache_equals_a_cold_one(tmp_path):
     n_val = len(read_manifest(out / "manifest.csv", splits=("val",)))
     # 3 epochs cycle 2 views: the bottom ran over 2 views of every train image and the clean val images.
     assert cold["bottom_images_computed"] == 2 * n_train + n_val
-    assert cold["split_parity_max_abs_diff"] <= finetune.SPLIT_TOLERANCE
+    assert cold["split_parity_max_abs_diff"] <= CUT_TOLERANCE
     warm = tune("warm")
     assert warm["bottom_images_computed"] == 0
     assert (out / "warm.csv").read_text() == (out / "cold.csv").read_text()
@@ -136,6 +134,6 @@ def test_a_cut_that_a_skip_connection_crosses_is_refused():
     x = Preprocess("tf", name="preprocess")(image)
     backbone = keras.Model(image, keras.layers.GlobalAveragePooling2D(name="avg_pool")(base(x)))
     head = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
-    split_at(backbone, head, "b")  # only a crosses: fine
+    cut_at(backbone, head, "b")  # only a crosses: fine
     with pytest.raises(BackboneError, match="skip connection"):
-        split_at(backbone, head, "d")  # a and b cross
+        cut_at(backbone, head, "d")  # a and b cross

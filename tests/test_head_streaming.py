@@ -4,7 +4,7 @@ import h5py
 import numpy as np
 
 from pipeline import train_head
-from pipeline.features import FeatureSet, create_feature_file, open_features
+from pipeline.extraction.features import FeatureSet, create_feature_file, open_features
 
 
 def _feature_file(path, n=23, dim=3, views=2):
@@ -49,7 +49,7 @@ def test_feature_batches_cover_every_row_once_per_epoch_in_a_new_deterministic_o
 
 
 def test_block_predictions_equal_whole_array_predictions(tmp_path):
-    from pipeline.models import build_head, predict_features
+    from pipeline.models.heads import build_head, predict_features
 
     fs = _feature_file(tmp_path / "val.h5", n=9)
     head = build_head(3, 3)

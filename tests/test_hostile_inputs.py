@@ -15,9 +15,9 @@ from conftest import as_params, make_hostile_folder, make_images, render, tiny_p
 from PIL import Image
 
 from pipeline import prepare
-from pipeline.features import FeatureSet
-from pipeline.images import ImageDecodeError, load_image
-from pipeline.params import ParamsError, parse_params
+from pipeline.core.params import ParamsError, parse_params
+from pipeline.data.images import ImageDecodeError, load_image
+from pipeline.extraction.features import FeatureSet
 
 
 def _prepare(raw: Path, out: Path, workers=None, **overrides):
@@ -300,7 +300,7 @@ def test_new_params_defaults():
 def test_balanced_class_weights_follow_sklearns_formula():
     from sklearn.utils.class_weight import compute_class_weight
 
-    from pipeline.training import class_weights
+    from pipeline.models.training import class_weights
 
     y = np.array([0] * 30 + [1] * 10 + [2] * 5)
     got = class_weights(y, 3, "balanced")
@@ -315,7 +315,7 @@ def test_balanced_class_weights_follow_sklearns_formula():
 def test_balanced_head_recovers_the_minority_class(head_type, tmp_path):
     import h5py
 
-    from pipeline.features import create_feature_file, open_features
+    from pipeline.extraction.features import create_feature_file, open_features
     from pipeline.train_head import fit_dense, fit_logreg
 
     rng = np.random.default_rng(0)

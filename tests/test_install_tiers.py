@@ -57,8 +57,8 @@ def test_the_test_script_installs_every_tier_the_tests_use():
 
 
 def test_ray_executor_without_ray_stops_at_once_naming_the_install_command(monkeypatch, tmp_path):
+    from pipeline.core.io import PipelineError
     from pipeline.extract import run
-    from pipeline.io_utils import PipelineError
 
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` and find_spec see without Ray installed
     params = as_params(tiny_params(str(tmp_path / "raw"), **{"extract.executor": "ray"}))

@@ -8,19 +8,18 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from pipeline import finetune, train_head
-from pipeline.backbones import (
-    BackboneError,
+from pipeline.backbones.build import (
     block_boundaries,
     build_backbone,
-    fold_bn_scale,
     get_base,
-    resolve_weights,
-    unfreeze_from,
 )
-from pipeline.features import ProvenanceError, read_features
-from pipeline.images import load_batch
-from pipeline.models import build_head, build_stacked, load_model, logreg_to_dense_weights
-from pipeline.params import parse_params
+from pipeline.backbones.registry import BackboneError, resolve
+from pipeline.core.params import parse_params
+from pipeline.data.images import load_batch
+from pipeline.extraction.features import ProvenanceError, read_features
+from pipeline.finetuning.parity import ParityError, check_parity
+from pipeline.finetuning.recipe import fold_bn_scale, unfreeze_from
+from pipeline.models.heads import build_head, build_stacked, load_model, logreg_to_dense_weights
 
 
 @pytest.mark.parametrize("n_classes", [2, 4])
@@ -56,10 +55,10 @@ def test_stacked_model_computes_exactly_the_cached_features(tmp_path, backbone, 
     head, _ = load_model(out / "head.keras")
     stacked = build_stacked(build_backbone(params.backbone), head)
     images = load_batch([str(raw / p) for p in val.paths], 64).astype(np.float32)
-    diff = finetune.check_parity(stacked, head, images, val.features)
+    diff = check_parity(stacked, head, images, val.features)
     assert diff <= 1e-4  # README: stacking parity (TensorFlow stacked model vs head on cached features) within 1e-4
     # And the backbone alone (TensorFlow) reproduces the cached features (ONNX Runtime) within the engines' documented
-    # 3e-5 (pipeline/engines.py; measured here 1.6e-5 on efficientnet_lite0's features up to ~5).
+    # 3e-5 (pipeline/runtime/engines.py; measured here 1.6e-5 on efficientnet_lite0's features up to ~5).
     np.testing.assert_allclose(build_backbone(params.backbone).predict_on_batch(images), val.features, rtol=0,
                                atol=3e-5)
 
@@ -72,8 +71,8 @@ def test_parity_catches_drift(tmp_path):
                                                                  "image_size": 64}})
     stacked = build_stacked(build_backbone(drifted.backbone), head)
     images = load_batch([str(raw / p) for p in val.paths], 64).astype(np.float32)
-    with pytest.raises(finetune.ParityError, match="drifted"):
-        finetune.check_parity(stacked, head, images, val.features)
+    with pytest.raises(ParityError, match="drifted"):
+        check_parity(stacked, head, images, val.features)
 
 
 def test_train_head_refuses_features_from_other_params(tmp_path):
@@ -184,7 +183,7 @@ def test_imagenet_weights_missing_from_keras_cache_say_where_to_put_them(tmp_pat
     monkeypatch.setattr(config, "_KERAS_DIR", str(tmp_path / "keras_home"))
     params = parse_params({"backbone": {"name": "xception", "weights": "imagenet"}})
     with pytest.raises(BackboneError) as exc:
-        resolve_weights(params.backbone)
+        resolve(params.backbone)
     msg = str(exc.value)
     assert "xception_weights_tf_dim_ordering_tf_kernels_notop.h5" in msg
     assert str(tmp_path / "keras_home" / "models") in msg and "KERAS_HOME" in msg
@@ -203,7 +202,7 @@ def test_explicit_weights_file_is_loaded_and_a_foreign_one_refused(tmp_path):
     with pytest.raises(BackboneError, match="does not fit resnet50"):
         build_backbone(wrong.backbone)
     with pytest.raises(BackboneError, match="neither 'imagenet'"):
-        resolve_weights(parse_params({"backbone": {"weights": str(tmp_path / "missing.h5")}}).backbone)
+        resolve(parse_params({"backbone": {"weights": str(tmp_path / "missing.h5")}}).backbone)
 
 
 @pytest.mark.parametrize("backbone", ["efficientnet_lite0", "mobilenet_v2"])

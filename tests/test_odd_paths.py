@@ -9,7 +9,7 @@ import pytest
 import yaml
 from conftest import ROOT, make_images, new_tiny_project, ran_stages, run_dvc
 
-from pipeline.manifest import read_manifest
+from pipeline.core.manifest import read_manifest
 
 ODD = "my photos é n°1 l'été"  # a space, non-ASCII letters, an apostrophe
 

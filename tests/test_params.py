@@ -4,7 +4,7 @@ import re
 import pytest
 from conftest import ROOT, as_params, tiny_params
 
-from pipeline.params import ParamsError, load_params, parse_params
+from pipeline.core.params import ParamsError, load_params, parse_params
 
 
 def test_repo_params_are_valid():
@@ -102,12 +102,12 @@ def _leaves(tree: dict, prefix: str = "") -> dict:
 
 def test_code_defaults_equal_params_yaml():
     """One source of defaults: a key left out of params.yaml means what params.yaml itself says."""
-    from pipeline.params import Params, as_dict, parse_yaml
+    from pipeline.core.params import Params, as_dict, parse_yaml
 
     written = _leaves(parse_yaml((ROOT / "params.yaml").read_text(encoding="utf-8")))
     code = _leaves(as_dict(Params()))
-    assert sorted(written) == sorted(code), "params.yaml and pipeline/params.py list different keys"
+    assert sorted(written) == sorted(code), "params.yaml and pipeline/core/params.py list different keys"
     # A bool is an int to ==; `true` where a number belongs (or 1 for true) is drift too.
     drift = {k: (code[k], written[k]) for k in code
              if code[k] != written[k] or isinstance(code[k], bool) != isinstance(written[k], bool)}
-    assert drift == {}, f"pipeline/params.py default vs params.yaml value: {drift}"
+    assert drift == {}, f"pipeline/core/params.py default vs params.yaml value: {drift}"

@@ -11,9 +11,9 @@ import pytest
 from conftest import ROOT
 from sklearn.metrics import log_loss
 
-from pipeline.images import load_batch
-from pipeline.io_utils import PipelineError
-from pipeline.manifest import read_manifest
+from pipeline.core.io import PipelineError
+from pipeline.core.manifest import read_manifest
+from pipeline.data.images import load_batch
 from pipeline.predict import collect_images, run
 
 pytestmark = pytest.mark.slow
@@ -74,7 +74,7 @@ def test_predictions_equal_evaluate_on_the_test_split(tiny_dvc_project: Path, tm
 def test_onnx_probabilities_equal_the_keras_models(tiny_dvc_project: Path, tmp_path: Path):
     """The default path (exported ONNX on ONNX Runtime) gives the Keras model's probabilities on the same
     decoded images; the .keras path still runs and agrees."""
-    from pipeline.models import load_model
+    from pipeline.models.heads import load_model
 
     proj = tiny_dvc_project
     classes, paths = _test_split(proj)

@@ -4,8 +4,8 @@ import json
 import pytest
 from conftest import as_params, make_images, tiny_params
 
+from pipeline.data.scanning import DatasetError
 from pipeline.prepare import assign_split, run
-from pipeline.scanning import DatasetError
 
 
 def _manifest(path):

@@ -9,8 +9,8 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline.backbones import Preprocess
-from pipeline.registry import REGISTRY, get_spec
+from pipeline.backbones.build import Preprocess
+from pipeline.backbones.registry import REGISTRY, get_spec
 
 # Each keras.applications backbone of the registry → the module whose preprocess_input its weights expect.
 KERAS_PREPROCESS = {

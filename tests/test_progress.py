@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from conftest import make_images
 
-from pipeline.feature_cache import file_digests
-from pipeline.finetune import BatchProgress
-from pipeline.io_utils import sha256_digest
+from pipeline.core.io import file_digests, sha256_digest
+from pipeline.finetuning.progress import BatchProgress
 
 
 def test_hashing_images_before_extract_shows_a_bar(tmp_path, capfd):

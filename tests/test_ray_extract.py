@@ -15,8 +15,9 @@ import pytest
 from conftest import as_params, make_images, tiny_params
 
 from pipeline import extract, prepare
-from pipeline.feature_cache import DIGEST_BYTES, file_digests
-from pipeline.manifest import SPLITS
+from pipeline.core.chunks import DIGEST_BYTES
+from pipeline.core.io import file_digests
+from pipeline.core.manifest import SPLITS
 
 ray = pytest.importorskip("ray")
 
@@ -27,7 +28,7 @@ RAY = {"extract.executor": "ray", "extract.ray.actors": 2, "extract.ray.batch_si
 
 @pytest.fixture(scope="module")
 def local_ray():
-    from pipeline.ray_extract import job_runtime_env
+    from pipeline.extraction.ray_executor import job_runtime_env
 
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     ray.init(num_cpus=2, include_dashboard=False, runtime_env=job_runtime_env())

@@ -12,8 +12,8 @@ import yaml
 from conftest import ROOT, shared_dataset
 
 from pipeline import evaluate, extract, finetune, prepare, train_head
-from pipeline.manifest import SPLITS
-from pipeline.params import parse_params
+from pipeline.core.manifest import SPLITS
+from pipeline.core.params import parse_params
 
 pytestmark = pytest.mark.realdata
 

@@ -1,7 +1,7 @@
 """Stage boundaries DVC can trust: dvc.yaml's deps and params are derived facts, not hand-kept lists.
 
 - a stage's code deps are exactly the pipeline/ modules its module imports, directly or through
-  others (pipeline.imports.import_closure), so an edit re-runs exactly the stages it can change;
+  others (pipeline.core.imports.import_closure), so an edit re-runs exactly the stages it can change;
 - a stage module imports no other stage module;
 - a stage's params are exactly what its module declares in PARAMS, and reading anything else fails;
 (the feature cache's key is tested in tests/test_feature_key.py).
@@ -13,16 +13,16 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from pipeline.imports import import_closure
-from pipeline.params import ParamsError, load_params
-from pipeline.registry import REGISTRY
+from pipeline.backbones.registry import REGISTRY
+from pipeline.core.imports import import_closure
+from pipeline.core.params import ParamsError, load_params
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
 def _module(stage: str) -> str:
     cmd = DVC[stage]["cmd"]
-    if isinstance(cmd, list):  # checks first (python -m pipeline.params), the stage's module last
+    if isinstance(cmd, list):  # checks first (python -m pipeline.core.params), the stage's module last
         cmd = cmd[-1]
     m = re.match(r"python -m (pipeline\.\w+)", cmd.strip())
     assert m, f"stage {stage}: command does not run a pipeline module: {DVC[stage]['cmd']}"

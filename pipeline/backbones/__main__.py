@@ -1,0 +1,26 @@
+"""``python -m pipeline.backbones NAME``: the values ``finetune.unfreeze_from`` takes for backbone NAME."""
+from __future__ import annotations
+
+import argparse
+
+from pipeline.backbones.build import boundary_shares, count_params
+from pipeline.backbones.registry import REGISTRY, get_spec
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pipeline.backbones NAME``: the values ``finetune.unfreeze_from`` takes for backbone NAME."""
+    ap = argparse.ArgumentParser(description="List a backbone's block boundaries (the values finetune.unfreeze_from "
+                                             "takes) and the share of its weights each one trains")
+    ap.add_argument("name", choices=list(REGISTRY))
+    args = ap.parse_args(argv)
+    spec = get_spec(args.name)
+    base = spec.build(None, (spec.default_size, spec.default_size, 3))  # random init: only the shapes matter
+    print(f"{args.name}: {count_params(base.weights):,} weights; native size {spec.default_size} px, smallest "
+          f"{spec.min_size}\n{'finetune.unfreeze_from':30s} share of the weights it trains")
+    for name, share in boundary_shares(base, args.name):
+        print(f"  {name:28s} {share:6.1%}" + ("   <- auto (the default)" if name == spec.unfreeze_from else ""))
+
+
+
+if __name__ == "__main__":
+    main()

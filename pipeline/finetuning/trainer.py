@@ -1,0 +1,65 @@
+"""Fitting the top: resume from the per-epoch checkpoint when it belongs to this run, then train the remaining
+epochs on the activation stream under the recipe's callbacks (best epoch, EMA, checkpoint, progress, dvclive)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import keras
+import numpy as np
+
+from pipeline.core.params import Params
+from pipeline.finetuning.checkpoint import TrainState, restore_checkpoint
+from pipeline.finetuning.progress import BatchProgress, live_callbacks, log_history
+from pipeline.finetuning.recipe import Tracker
+from pipeline.finetuning.stream import TrainData, training_stream
+from pipeline.models.training import class_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunCheckpoint:
+    """Where this run's per-epoch checkpoint goes (None: none kept) and the run's fingerprint
+    (:func:`pipeline.finetuning.checkpoint.fingerprint`): only a checkpoint with that fingerprint is resumed."""
+    path: Optional[Path]
+    fingerprint: str
+
+
+def initial_state(val_loss: float, val_accuracy: float, weights: Optional[list]) -> TrainState:
+    """The state before any epoch: epoch 0 is the head-only model, with its val metrics and (when training
+    follows) its weights; it has no training loss, so those cells stay empty."""
+    return TrainState(epoch=0, rows=[[0, "", "", float(val_loss), float(val_accuracy)]], best_loss=float(val_loss),
+                      best_weights=weights)
+
+
+def fit_top(top: keras.Model, state: TrainState, params: Params, data: TrainData, checkpoint: RunCheckpoint, live,
+            replicas: int) -> tuple[TrainState, bool]:
+    """Resume from ``checkpoint`` when it belongs to this run, then fit the remaining epochs of ``top``
+    (compiled by :func:`pipeline.finetuning.recipe.compile_top`).
+
+    Returns the final state (history, best epoch and its weights) and whether ``fit`` ran.
+    """
+    p = params.finetune
+    if checkpoint.path is not None and p.resume:
+        restored = restore_checkpoint(checkpoint.path, checkpoint.fingerprint, top, state.best_weights, p.epochs)
+        if restored is not None:
+            state = restored
+            log.info("resuming from %s after epoch %d (finetune.resume)", checkpoint.path, state.epoch)
+            log_history(live, state.rows[1:])
+    if state.epoch >= p.epochs or state.stopped:
+        return state, False
+    # finetune.batch_size images per replica: one global batch of that many times the replicas.
+    train_ds, steps = training_stream(data, p.batch_size * replicas, params.seed, range(state.epoch, p.epochs),
+                                      p.views, replicas)
+    # With finetune.ema the Tracker measures val on the averaged weights itself; Keras' own validation
+    # would only measure the raw ones.
+    tracker = Tracker(state, p.patience, checkpoint.path, checkpoint.fingerprint, ema_val=data.val if p.ema else None)
+    top.fit(train_ds, steps_per_epoch=steps, validation_data=None if p.ema else data.val,
+            initial_epoch=state.epoch, epochs=p.epochs, verbose=2,
+            shuffle=False,  # each epoch's stream is already shuffled
+            class_weight=class_weights(np.asarray(data.labels), data.n_classes, p.class_weight),
+            callbacks=[BatchProgress(steps, p.epochs), tracker, *live_callbacks(live)])
+    return state, True
