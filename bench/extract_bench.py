@@ -48,7 +48,8 @@ from pipeline import extract, prepare, train_head  # noqa: E402
 from pipeline.backbones.build import build_backbone, image_size  # noqa: E402
 from pipeline.core.manifest import SPLITS  # noqa: E402
 from pipeline.core.params import parse_params  # noqa: E402
-from pipeline.data.datasets import image_dataset, prefetched_batches  # noqa: E402
+from pipeline.data.datasets import decode_ahead, image_dataset  # noqa: E402
+from pipeline.data.images import load_image  # noqa: E402
 from pipeline.extraction.features import read_features  # noqa: E402
 from pipeline.models.heads import build_stacked  # noqa: E402
 from pipeline.runtime.engines import compile_engine  # noqa: E402
@@ -106,7 +107,7 @@ def compute_only(params, n: int, rounds: int) -> tuple[dict[str, float], float]:
 def decode_only(paths: list[str], size: int, bs: int) -> float:
     t = time.perf_counter()
     n = 0
-    for b in prefetched_batches(paths, size, bs):
+    for b in (np.stack(x) for x in decode_ahead(paths, bs, lambda p: load_image(p, size))):
         n += int(b.shape[0])
     return n / (time.perf_counter() - t)
 

@@ -190,7 +190,7 @@ def split_metrics(head: keras.Model, ff: FeatureFile, n_classes: int) -> dict:
     }
 
 
-def calibrate(head: keras.Model, val: FeatureFile) -> tuple[keras.Model, dict]:
+def calibrate_head(head: keras.Model, val: FeatureFile) -> tuple[keras.Model, dict]:
     """Fit the head's temperature on the val features → (the head with its :class:`pipeline.models.heads.Temperature`
     layer, a summary: ``temperature`` and the val log loss and ECE before and after)."""
     summary = fit_on_val(predict_features(head, val), val.labels)
@@ -214,7 +214,7 @@ def run(*, train_h5: Path, val_h5: Path, classes_json: Path, head_out: Path, met
         # is fitted on val after the fit, on probabilities nothing was selected on but the early-stopping epoch.
         metrics = {"train": split_metrics(head, train, len(classes)), "val": split_metrics(head, val, len(classes)),
                    "fit_seconds": round(seconds, 3)}
-        head, metrics["calibration"] = calibrate(head, val)
+        head, metrics["calibration"] = calibrate_head(head, val)
     if not history:  # logreg has no epochs: one row, so the learning-curve plot still shows its end point
         history = [(1, metrics["train"]["log_loss"], metrics["train"]["accuracy"], metrics["val"]["log_loss"],
                     metrics["val"]["accuracy"])]

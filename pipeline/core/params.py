@@ -321,10 +321,6 @@ def parse_yaml(text: str) -> Any:
 
 def parse_params(raw: dict | None) -> Params:
     """Validate a params mapping (as loaded from YAML) into :class:`Params`."""
-    finetune = (raw or {}).get("finetune")
-    if isinstance(finetune, dict) and "augment" in finetune:
-        raise ParamsError("finetune.augment is now the top-level section augment (extract's cached views and "
-                          "finetune share it): move it out of finetune, unindented")
     return _build(Params, raw or {})
 
 

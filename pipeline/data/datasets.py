@@ -74,17 +74,3 @@ def decode_ahead(paths: Sequence[str], batch_size: int, fn: Callable[[str], T], 
             if nxt is not None:
                 pending.append([pool.submit(fn, p) for p in nxt])
             yield [f.result() for f in futures]
-
-
-def prefetched_batches(paths: Sequence[str], size: int, batch_size: int, lookahead: int = 3,
-                       workers: Optional[int] = None) -> Iterator[np.ndarray]:
-    """``(B, size, size, 3)`` uint8 batches in order, decoded ``lookahead`` batches ahead.
-
-    What :mod:`pipeline.runtime.inference` feeds its compiled model (this function alone measures
-    decode-only speed in bench/extract_bench.py). Measured on 2 cores with efficientnet_lite0 at 224 px (compute
-    ceiling 98 img/s): tf.data + numpy_function yielding float32 gave 62 img/s, yielding
-    uint8 89 img/s, this pool 96 img/s. uint8 batches are 4x less data to copy (the cast
-    happens inside the compiled model).
-    """
-    for images in decode_ahead(paths, batch_size, lambda p: load_image(p, size), lookahead, workers):
-        yield np.stack(images)

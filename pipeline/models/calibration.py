@@ -151,15 +151,3 @@ def coverage_curve(probs: np.ndarray, labels: np.ndarray,
             rows.append({"min_confidence": float(p), "coverage": float(kept.mean()),
                          "accuracy": float(correct[kept].mean()), "n": int(kept.sum())})
     return rows
-
-
-def calibration_report(probs: np.ndarray, labels: np.ndarray, temperature: float) -> dict:
-    """Metrics of a model that carries ``temperature``: ``probs`` (N, K) are its (calibrated) outputs.
-
-    Returns ``ece``, ``log_loss`` (calibrated), ``ece_uncalibrated``, ``log_loss_uncalibrated`` (the
-    probabilities with ``T`` undone) and ``temperature``.
-    """
-    uncal = apply_temperature(probs, 1.0 / temperature)
-    return {"ece": ece(probs, labels), "ece_uncalibrated": ece(uncal, labels),
-            "log_loss": nll(probs, labels), "log_loss_uncalibrated": nll(uncal, labels),
-            "temperature": float(temperature)}

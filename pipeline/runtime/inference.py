@@ -97,9 +97,3 @@ def batched_outputs(infer: Infer, paths: Sequence[str], size: int, batch_size: i
     """
     for images, errors in batched_images(paths, size, batch_size, tolerant, desc, progress):
         yield (infer(images) if len(images) else np.zeros((0,), np.float32)), errors
-
-
-def predict_all(infer: Infer, paths: Sequence[str], size: int, batch_size: int, desc: str = "infer") -> np.ndarray:
-    """Outputs of every image in ``paths`` (all must decode) → ``(N, ...)`` float32."""
-    chunks = [out for out, _ in batched_outputs(infer, paths, size, batch_size, desc=desc)]
-    return np.concatenate(chunks) if chunks else np.zeros((0,), np.float32)
