@@ -20,7 +20,7 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import h5py
 
@@ -51,13 +51,20 @@ PARAMS = ("backbone", "augment", "extract")
 WRITE_BLOCK = 1024
 
 
-def write_split(out: Path, cache: FeatureCache, digests: list[bytes], labels: list[int], rel_paths: list[str],
-                attrs: dict, views: int = 0, spec: str = "") -> None:
-    """Stream one split's features (and ``views`` augmented views per image) from the cache into ``out``
-    (atomically)."""
+class SplitRows(NamedTuple):
+    """One split's images, in manifest order: content digests, label indices, paths relative to data.raw_dir."""
+    digests: list[bytes]
+    labels: list[int]
+    paths: list[str]
+
+
+def write_split(out: Path, cache: FeatureCache, rows: SplitRows, attrs: dict, views: int = 0, spec: str = "") -> None:
+    """Stream one split's features (and ``views`` augmented views per image, drawn as ``spec`` says) from the
+    cache into ``out`` (atomically)."""
+    digests = rows.digests
     with atomic_path(out) as tmp:
         with h5py.File(tmp, "w") as h5:
-            feats = create_feature_file(h5, len(digests), cache.dim, labels, rel_paths,
+            feats = create_feature_file(h5, cache.dim, rows.labels, rows.paths,
                                         {**attrs, "complete": False}, chunk_rows=WRITE_BLOCK, views=views)
             for start in range(0, len(digests), WRITE_BLOCK):
                 block = digests[start:start + WRITE_BLOCK]
@@ -120,8 +127,9 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, outs: dict[str, Pa
         for split, out in outs.items():
             rows = [i for i, it in enumerate(items) if it.split == split]
             k = views if split == "train" else 0
-            write_split(out, cache, [digests[i] for i in rows], [index[items[i].label] for i in rows],
-                        [items[i].path for i in rows],
+            split_rows = SplitRows([digests[i] for i in rows], [index[items[i].label] for i in rows],
+                                   [items[i].path for i in rows])
+            write_split(out, cache, split_rows,
                         {**attrs, "split": split, "augmented_views": k, "augment": spec if k else ""}, k, spec)
             log.info("%s: %d images%s → %s", split, len(rows), f" + {k} augmented views each" if k else "", out)
     total = time.perf_counter() - t0

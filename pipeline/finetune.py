@@ -56,7 +56,7 @@ from pipeline.data.datasets import image_dataset
 from pipeline.data.images import load_batch
 from pipeline.extraction.features import open_features
 from pipeline.finetuning.activations import BOTTOM_BATCH, ActivationCache, Activations, bottom_engine, cache_key
-from pipeline.finetuning.checkpoint import fingerprint
+from pipeline.finetuning.checkpoint import TrainState, fingerprint
 from pipeline.finetuning.cut import Cut, cut_at
 from pipeline.finetuning.parity import PARITY_SAMPLES, check_cut_parity, check_parity
 from pipeline.finetuning.progress import start_live
@@ -208,11 +208,7 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path
     get_base(s.backbone).trainable = False
     calibration = fit_on_val(val_probs, val_labels)
     log.info("fine-tuned model: %s", describe(calibration))
-    best_acc = next(r[4] for r in state.rows if r[0] == state.best_epoch)
-    head_loss, head_acc = state.rows[0][3], state.rows[0][4]
-    metrics = {"best_epoch": state.best_epoch, "val_loss": float(state.best_loss), "val_accuracy": float(best_acc),
-               "head_only_val_loss": float(head_loss), "head_only_val_accuracy": float(head_acc),
-               "parity_max_abs_diff": s.parity, "split_parity_max_abs_diff": split_parity,
+    metrics = {**_epoch_metrics(state), "parity_max_abs_diff": s.parity, "split_parity_max_abs_diff": split_parity,
                "bottom_images_computed": acts.computed if acts is not None else 0,
                "bottom_seconds": round(acts.seconds, 1) if acts is not None else 0.0,
                "unfreeze_from": boundary, "unfrozen_params": unfrozen,
@@ -225,9 +221,16 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path
     })
     write_history(history_out, state.rows)
     write_json(metrics_out, metrics)
-    log.info("fine-tuned: val acc %.4f → %.4f (epoch %d), %.0fs", head_acc, best_acc, state.best_epoch,
-             metrics["seconds"])
+    log.info("fine-tuned: val acc %.4f → %.4f (epoch %d), %.0fs", metrics["head_only_val_accuracy"],
+             metrics["val_accuracy"], state.best_epoch, metrics["seconds"])
     return metrics
+
+
+def _epoch_metrics(state: TrainState) -> dict:
+    """The kept epoch and its val metrics, beside the head-only model's (epoch 0)."""
+    best_acc = next(r[4] for r in state.rows if r[0] == state.best_epoch)
+    return {"best_epoch": state.best_epoch, "val_loss": float(state.best_loss), "val_accuracy": float(best_acc),
+            "head_only_val_loss": float(state.rows[0][3]), "head_only_val_accuracy": float(state.rows[0][4])}
 
 
 def _paths(raw_dir: Path, items: list[Item]) -> list[str]:

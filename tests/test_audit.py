@@ -55,7 +55,7 @@ def _features(tmp_path, n_views=2, seed=0):
         k = n_views if s == "train" else 0
         paths[s] = work / f"{s}.h5"
         with h5py.File(paths[s], "w") as h5:
-            ds = create_feature_file(h5, len(split), 16, [labels[p] for p in split], split,
+            ds = create_feature_file(h5, 16, [labels[p] for p in split], split,
                                      {"class_names": list(CLASSES), "complete": True}, chunk_rows=8, views=k)
             ds[...] = np.stack([feats[p] for p in split])
             if k:

@@ -13,7 +13,7 @@ def _feature_file(path, n=23, dim=3, views=2):
     vws = rng.normal(size=(n, views, dim)).astype(np.float32)
     labels = np.arange(n) % 3
     with h5py.File(path, "w") as h5:
-        ds = create_feature_file(h5, n, dim, labels, [f"{i}.jpg" for i in range(n)], {"complete": True}, 4, views)
+        ds = create_feature_file(h5, dim, labels, [f"{i}.jpg" for i in range(n)], {"complete": True}, 4, views)
         ds[...] = feats
         h5["views"][...] = vws
     return FeatureSet(feats, labels, [f"{i}.jpg" for i in range(n)], {}, views=vws)

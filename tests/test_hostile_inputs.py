@@ -324,7 +324,7 @@ def test_balanced_head_recovers_the_minority_class(head_type, tmp_path):
     y = np.array([0] * n_major + [1] * n_minor)
     fs = FeatureSet(x, y, [f"{i}" for i in range(len(y))], {})
     with h5py.File(tmp_path / "f.h5", "w") as h5:  # the dense head streams from a feature file
-        create_feature_file(h5, len(y), dim, y, fs.paths, {"complete": True}, 64)[...] = x
+        create_feature_file(h5, dim, y, fs.paths, {"complete": True}, 64)[...] = x
     recall = {}
     for cw in ("none", "balanced"):
         params = as_params(tiny_params(**{"head.type": head_type, "head.class_weight": cw, "head.logreg.C": 1.0,

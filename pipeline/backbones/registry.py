@@ -108,10 +108,11 @@ def _lite0_imagenet(size: int) -> Path:
     return Path(lite0_weights_path())
 
 
-def _app(name: str, fn_name: str, preprocessing: str, size: int, file_name: Callable[[int], str],
-         block_pattern: str, unfreeze_from: str, min_size: int = 32) -> BackboneSpec:
-    build, imagenet = _keras_application(name, fn_name, file_name)
-    return BackboneSpec(name, build, imagenet, preprocessing, size, block_pattern, unfreeze_from, min_size)
+def _app(fn_name: str, file_name: Callable[[int], str], **spec) -> BackboneSpec:
+    """The entry of ``keras.applications.<fn_name>``, whose cached weights file is ``file_name(size)``; ``spec``:
+    the other :class:`BackboneSpec` fields."""
+    build, imagenet = _keras_application(spec["name"], fn_name, file_name)
+    return BackboneSpec(build=build, imagenet=imagenet, **spec)
 
 
 def _fixed(name: str) -> Callable[[int], str]:
@@ -128,31 +129,39 @@ _EFFNET_BLOCKS = r"^(block\d+[a-z]|top)_"
 REGISTRY: dict[str, BackboneSpec] = {spec.name: spec for spec in (
     BackboneSpec("efficientnet_lite0", _lite0_build, _lite0_imagenet, "tf", 224, _EFFNET_BLOCKS,
                  "block6a_expand_conv"),
-    _app("vgg16", "VGG16", "caffe", 224, _fixed("vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-         r"^(block\d+)_", "block5_conv1"),
-    _app("vgg19", "VGG19", "caffe", 224, _fixed("vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-         r"^(block\d+)_", "block5_conv1"),
-    _app("resnet50", "ResNet50", "caffe", 224, _fixed("resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-         r"^(conv\d+_block\d+)_", "conv5_block1_1_conv"),
-    _app("resnet50v2", "ResNet50V2", "tf", 224,
-         _fixed("resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5"), r"^(conv\d+_block\d+|post)_",
-         "conv5_block1_preact_bn"),
-    _app("inception_v3", "InceptionV3", "tf", 299,
-         _fixed("inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"), r"^(mixed\d+)$", "mixed8",
-         min_size=75),
-    _app("xception", "Xception", "tf", 299, _fixed("xception_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-         r"^(block\d+)_", "block13_sepconv1_act", min_size=71),
-    _app("mobilenet_v2", "MobileNetV2", "tf", 224,
-         lambda size: f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{size}_no_top.h5",
-         r"^(block_\d+|expanded_conv|Conv_1)(?:_|$)", "block_13_expand"),
-    _app("efficientnetb0", "EfficientNetB0", "raw", 224, _fixed("efficientnetb0_notop.h5"), _EFFNET_BLOCKS,
-         "block6a_expand_conv"),
-    _app("efficientnetb1", "EfficientNetB1", "raw", 240, _fixed("efficientnetb1_notop.h5"), _EFFNET_BLOCKS,
-         "block6a_expand_conv"),
-    _app("efficientnetb2", "EfficientNetB2", "raw", 260, _fixed("efficientnetb2_notop.h5"), _EFFNET_BLOCKS,
-         "block6a_expand_conv"),
-    _app("efficientnetb3", "EfficientNetB3", "raw", 300, _fixed("efficientnetb3_notop.h5"), _EFFNET_BLOCKS,
-         "block6a_expand_conv"),
+    _app("VGG16", _fixed("vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+         name="vgg16", preprocessing="caffe", default_size=224, block_pattern=r"^(block\d+)_",
+         unfreeze_from="block5_conv1"),
+    _app("VGG19", _fixed("vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+         name="vgg19", preprocessing="caffe", default_size=224, block_pattern=r"^(block\d+)_",
+         unfreeze_from="block5_conv1"),
+    _app("ResNet50", _fixed("resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+         name="resnet50", preprocessing="caffe", default_size=224, block_pattern=r"^(conv\d+_block\d+)_",
+         unfreeze_from="conv5_block1_1_conv"),
+    _app("ResNet50V2", _fixed("resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+         name="resnet50v2", preprocessing="tf", default_size=224, block_pattern=r"^(conv\d+_block\d+|post)_",
+         unfreeze_from="conv5_block1_preact_bn"),
+    _app("InceptionV3", _fixed("inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+         name="inception_v3", preprocessing="tf", default_size=299, block_pattern=r"^(mixed\d+)$",
+         unfreeze_from="mixed8", min_size=75),
+    _app("Xception", _fixed("xception_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+         name="xception", preprocessing="tf", default_size=299, block_pattern=r"^(block\d+)_",
+         unfreeze_from="block13_sepconv1_act", min_size=71),
+    _app("MobileNetV2", lambda size: f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{size}_no_top.h5",
+         name="mobilenet_v2", preprocessing="tf", default_size=224,
+         block_pattern=r"^(block_\d+|expanded_conv|Conv_1)(?:_|$)", unfreeze_from="block_13_expand"),
+    _app("EfficientNetB0", _fixed("efficientnetb0_notop.h5"),
+         name="efficientnetb0", preprocessing="raw", default_size=224, block_pattern=_EFFNET_BLOCKS,
+         unfreeze_from="block6a_expand_conv"),
+    _app("EfficientNetB1", _fixed("efficientnetb1_notop.h5"),
+         name="efficientnetb1", preprocessing="raw", default_size=240, block_pattern=_EFFNET_BLOCKS,
+         unfreeze_from="block6a_expand_conv"),
+    _app("EfficientNetB2", _fixed("efficientnetb2_notop.h5"),
+         name="efficientnetb2", preprocessing="raw", default_size=260, block_pattern=_EFFNET_BLOCKS,
+         unfreeze_from="block6a_expand_conv"),
+    _app("EfficientNetB3", _fixed("efficientnetb3_notop.h5"),
+         name="efficientnetb3", preprocessing="raw", default_size=300, block_pattern=_EFFNET_BLOCKS,
+         unfreeze_from="block6a_expand_conv"),
 )}
 
 

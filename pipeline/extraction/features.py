@@ -68,9 +68,11 @@ def check_provenance(source: str, found: dict, expected: dict, fix: str) -> None
         raise ProvenanceError(f"{source} does not match the current params ({'; '.join(diffs)}); {fix}")
 
 
-def create_feature_file(h5: h5py.File, n: int, dim: int, labels: Sequence[int], paths: Sequence[str],
+def create_feature_file(h5: h5py.File, dim: int, labels: Sequence[int], paths: Sequence[str],
                         attrs: dict, chunk_rows: int, views: int = 0) -> h5py.Dataset:
-    """Create the datasets of an open (temporary) file; features (and ``views``) are filled in chunks later."""
+    """Create the datasets of an open (temporary) file for ``len(labels)`` images; features (and ``views``)
+    are filled in chunks later."""
+    n = len(labels)
     feats = h5.create_dataset("features", shape=(n, dim), dtype="float32",
                               chunks=(max(1, min(chunk_rows, n)), dim) if n else None)
     if views:
