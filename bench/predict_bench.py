@@ -18,7 +18,6 @@ Without ``--onnx`` the .keras model is exported first (``pipeline.export``, into
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import platform
@@ -26,28 +25,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-from benchlib import cpu_name  # noqa: E402
+from benchlib import ROOT, bench_parser, child_env, cpu_name, idle_check, run_child
 
 OLD_COMMIT = "9437c9a"
-
-
-def timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, float]:
-    """Run ``cmd`` to completion → (wall seconds, peak RSS in MiB); raises on a non-zero exit."""
-    with tempfile.TemporaryFile() as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            err.seek(0)
-            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err.read().decode()[-3000:]}")
-    return wall, usage.ru_maxrss / 1024  # Linux reports KiB
 
 
 def probs_of(csv_path: Path) -> list[float]:
@@ -66,7 +48,9 @@ def export(keras: Path, work: Path, env: dict) -> tuple[Path, Path]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = bench_parser(__doc__, "~1-2 min on a quiet machine: 7 rounds of three fresh processes, the old path ~9 s a "
+                               "call (docs/predict.md), plus an export first without --onnx; ~6 min under heavy load "
+                               "(the old path 47 s a call at load 14)")
     ap.add_argument("--keras", type=Path, required=True, help="fine-tuned .keras model (+ its .json sidecar)")
     ap.add_argument("--onnx", type=Path, default=None, help="its export (default: export it first)")
     ap.add_argument("--meta", type=Path, default=None, help="the export's serving.json (default: beside --onnx)")
@@ -74,7 +58,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args()
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env(ROOT)
     with tempfile.TemporaryDirectory(prefix="predict-bench-") as tmp:
         work = Path(tmp)
         old = work / "old_predict.py"
@@ -99,15 +83,14 @@ def main() -> None:
                                                        "import onnxruntime, PIL.Image, numpy"],
         }
         names = list(cmds)
-        load0 = os.getloadavg()
         results: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
-        for r in range(args.rounds):
-            order = names[r % len(names):] + names[:r % len(names)]
-            for n in order:
-                results[n].append(timed(cmds[n], ROOT, env))
-            print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n.split()[0]} {results[n][-1][0]:.2f}s"
-                                                               for n in names), file=sys.stderr, flush=True)
-        load1 = os.getloadavg()
+        with idle_check("predict_bench") as load:
+            for r in range(args.rounds):
+                order = names[r % len(names):] + names[:r % len(names)]
+                for n in order:
+                    results[n].append(run_child(cmds[n], ROOT, env))
+                print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n.split()[0]} {results[n][-1][0]:.2f}s"
+                                                                   for n in names), file=sys.stderr, flush=True)
         diff = max(abs(a - b) for a, b in zip(probs_of(work / "old.csv"), probs_of(work / "new.csv")))
         if not diff <= 1e-5:
             raise SystemExit(f"old and new predict disagree on {image}: max |Δp| = {diff:.2e}")
@@ -115,8 +98,8 @@ def main() -> None:
     med = {n: (statistics.median(w for w, _ in results[n]), statistics.median(m for _, m in results[n]))
            for n in names}
     old_n, new_n = names[0], names[1]
-    print(f"CPU: {cpu_name()}, {len(os.sched_getaffinity(0))} cores; load average {load0[0]:.1f} at start, "
-          f"{load1[0]:.1f} at end; Python {platform.python_version()}; {args.rounds} interleaved rounds, medians")
+    print(f"CPU: {cpu_name()}, {len(os.sched_getaffinity(0))} cores; load average {load.start[0]:.1f} at start, "
+          f"{load.end[0]:.1f} at end; Python {platform.python_version()}; {args.rounds} interleaved rounds, medians")
     print(f"model: {args.keras} (image {image.name}); old vs new probabilities: max |Δp| = {diff:.1e}")
     print("| path | cold wall (s) | peak RSS (MiB) |")
     print("|---|---:|---:|")
