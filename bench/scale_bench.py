@@ -25,23 +25,19 @@ as t(N_max) * (N / N_max)^k.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import yaml
+from benchlib import ROOT, bench_params, bench_parser, child_env, idle_check, run_child
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from pipeline.demo_data import render  # noqa: E402
+from pipeline.demo_data import render
 
 CLASSES = ("circle", "square", "triangle", "stripes")
 STAGES = ("prepare", "extract", "train_head")
@@ -67,8 +63,7 @@ def setup_project(proj: Path, raw_rel: str, head_type: str = "logreg") -> None:
 
 
 def write_params(proj: Path, raw_rel: str, head_type: str) -> None:
-    p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    p["data"]["raw_dir"] = raw_rel
+    p = bench_params(raw_rel)
     p["backbone"]["image_size"] = 32
     p["extract"]["augmented_views"] = 0
     p["head"]["type"] = head_type
@@ -82,17 +77,8 @@ def stage_cmd(stage: str, raw_rel: str) -> str:
 
 
 def measure(cmd: str | list[str], cwd: Path) -> tuple[float, float]:
-    """Run ``cmd`` → (wall seconds, peak RSS MiB of it and its descendants)."""
-    env = {**os.environ, "PYTHONPATH": str(cwd), "DVC_NO_ANALYTICS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, shell=isinstance(cmd, str), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    err = proc.stderr.read() if proc.stderr else b""
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t
-    if status != 0:
-        raise RuntimeError(f"{cmd!r} failed in {cwd}:\n{err.decode(errors='replace')[-3000:]}")
-    return wall, usage.ru_maxrss / 1024
+    """Run ``cmd`` in the project ``cwd`` → (wall seconds, peak RSS MiB of it and its descendants)."""
+    return run_child(cmd, cwd, child_env(cwd, DVC_NO_ANALYTICS="1", TF_CPP_MIN_LOG_LEVEL="2"))
 
 
 def run_size(n: int, work: Path, misses: bool) -> dict[str, tuple[float, float]]:
@@ -121,7 +107,9 @@ def run_size(n: int, work: Path, misses: bool) -> dict[str, tuple[float, float]]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = bench_parser(__doc__, "~10-15 min with the default sizes (estimate, not timed as a whole: the 100 k size "
+                               "dominates, generating 100,000 JPEGs, filling the feature cache, then ~3 min of "
+                               "stage runs in docs/scaling.md's run)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     ap.add_argument("--miss-sizes", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
@@ -129,7 +117,8 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="scale-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"{os.cpu_count()} CPUs; images 64 px JPEG, backbone at 32 px, views off; scratch {work}", flush=True)
-    results = {n: run_size(n, work, n in args.miss_sizes) for n in sorted(args.sizes)}
+    with idle_check("scale_bench"):
+        results = {n: run_size(n, work, n in args.miss_sizes) for n in sorted(args.sizes)}
 
     names = list(dict.fromkeys(k for r in results.values() for k in r))
     sizes = sorted(results)
