@@ -26,7 +26,6 @@ image size, batch size and N, on real JPEGs from ../shared/datasets/dogs_vs_cats
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -37,24 +36,23 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import tensorflow as tf
+import yaml
+from benchlib import ROOT, SHARED_DATASETS, bench_params, bench_parser, child_env, idle_check, run_child
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import yaml  # noqa: E402
+from pipeline import extract, prepare, train_head
+from pipeline.backbones.build import build_backbone
+from pipeline.backbones.registry import image_size
+from pipeline.core.manifest import SPLITS
+from pipeline.core.params import parse_params
+from pipeline.data.datasets import decode_ahead, image_dataset
+from pipeline.data.images import load_image
+from pipeline.extraction.features import read_features
+from pipeline.models.heads import build_stacked
+from pipeline.runtime.engines import compile_engine
 
-from pipeline import extract, prepare, train_head  # noqa: E402
-from pipeline.backbones.build import build_backbone, image_size  # noqa: E402
-from pipeline.core.manifest import SPLITS  # noqa: E402
-from pipeline.core.params import parse_params  # noqa: E402
-from pipeline.data.datasets import decode_ahead, image_dataset  # noqa: E402
-from pipeline.data.images import load_image  # noqa: E402
-from pipeline.extraction.features import read_features  # noqa: E402
-from pipeline.models.heads import build_stacked  # noqa: E402
-from pipeline.runtime.engines import compile_engine  # noqa: E402
-
-DATA = ROOT.parent / "shared" / "datasets" / "dogs_vs_cats"
+DATA = SHARED_DATASETS / "dogs_vs_cats"
 
 
 def subset(n: int, dest: Path, tag: bytes = b"") -> Path:
@@ -75,8 +73,8 @@ def subset(n: int, dest: Path, tag: bytes = b"") -> Path:
 
 
 def params_for(raw: Path, batch_size: int, engine: str = "auto"):
-    raw_params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw_params["data"].update(raw_dir=str(raw), val_fraction=0.15, test_fraction=0.15)
+    raw_params = bench_params(raw)
+    raw_params["data"].update(val_fraction=0.15, test_fraction=0.15)
     # Clean images only: the figures are images per second (augmented views are extra forward passes).
     raw_params["extract"].update(batch_size=batch_size, engine=engine, augmented_views=0)
     return parse_params(raw_params)
@@ -135,8 +133,8 @@ def stage_run(raw: Path, work: Path, batch_size: int, cache: str = "cache") -> t
     """`python -m pipeline.extract` in a subprocess on ``work/cache`` (fresh unless ``cache`` names a folder
     already there) → (peak RSS MiB, wall seconds, metrics)."""
     work.mkdir(parents=True, exist_ok=True)
-    p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    p["data"].update(raw_dir=str(raw), val_fraction=0.15, test_fraction=0.15)
+    p = bench_params(raw)
+    p["data"].update(val_fraction=0.15, test_fraction=0.15)
     p["extract"].update(batch_size=batch_size, augmented_views=0)  # images per second, as in (a) and (b)
     (work / "params.yaml").write_text(yaml.safe_dump(p))
     prepare.run(raw_dir=raw, manifest=work / "manifest.csv", classes_out=work / "classes.json",
@@ -144,14 +142,8 @@ def stage_run(raw: Path, work: Path, batch_size: int, cache: str = "cache") -> t
     cmd = [sys.executable, "-m", "pipeline.extract", "--raw-dir", str(raw), "--manifest", "manifest.csv",
            "--classes", "classes.json", "--train", "train.h5", "--val", "val.h5", "--test", "test.h5",
            "--metrics", "m.json", "--cache-dir", cache]
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=work, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t
-    if status != 0:
-        raise RuntimeError(f"extract failed in {work}")
-    return usage.ru_maxrss / 1024, wall, json.loads((work / "m.json").read_text())
+    child = run_child(cmd, work, child_env(ROOT))
+    return child.peak_rss_mib, child.seconds, json.loads((work / "m.json").read_text())
 
 
 def dvc_stage(raw: Path, warm_raw: Path, work: Path, batch_size: int) -> tuple[float, dict]:
@@ -162,14 +154,13 @@ def dvc_stage(raw: Path, warm_raw: Path, work: Path, batch_size: int) -> tuple[f
     shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
     (work / "data").mkdir()
     shutil.copy(ROOT / "data" / "exclude.txt", work / "data" / "exclude.txt")  # a prepare dep
-    p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    p["data"].update(raw_dir=str(raw), val_fraction=0.15, test_fraction=0.15)
+    p = bench_params(raw)
+    p["data"].update(val_fraction=0.15, test_fraction=0.15)
     p["extract"].update(batch_size=batch_size, augmented_views=0)
     (work / "params.yaml").write_text(yaml.safe_dump(p))
     dvc = [str(Path(sys.executable).parent / "dvc")]
     # dvc.yaml's commands run `python`: this interpreter's, as after `source .venv/bin/activate`.
-    env = {**os.environ, "PYTHONPATH": str(work),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = child_env(work, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     quiet = {"cwd": work, "env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "check": True}
     subprocess.run(dvc + ["init", "--no-scm", "-q"], **quiet)
     subprocess.run(dvc + ["repro", "-s", "prepare"], **quiet)
@@ -181,9 +172,7 @@ def dvc_stage(raw: Path, warm_raw: Path, work: Path, batch_size: int) -> tuple[f
                     str(warm / "manifest.csv"), "--classes", str(warm / "classes.json"), "--train",
                     str(warm / "train.h5"), "--val", str(warm / "val.h5"), "--test", str(warm / "test.h5"),
                     "--cache-dir", ".cache/features"], **quiet)
-    t = time.perf_counter()
-    subprocess.run(dvc + ["repro", "-s", "extract"], **quiet)
-    wall = time.perf_counter() - t
+    wall = run_child(dvc + ["repro", "-s", "extract"], work, env).seconds
     return wall, json.loads((work / "reports" / "extract_metrics.json").read_text())
 
 
@@ -233,7 +222,9 @@ def cached_stage_runs(work: Path, n: int, batch_size: int, a: float) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = bench_parser(__doc__, "~5-10 min on the idle 2-core machine (estimate from the per-part rates in "
+                               "docs/extraction.md and docs/engines.md, not timed as a whole); --stage-only and "
+                               "--startup-only ~1-3 min; several times longer under load")
     ap.add_argument("--n", type=int, default=1000, help="images for (a), (b), (c)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of (a) and (a')")
@@ -247,6 +238,7 @@ def main() -> None:
     if not DATA.is_dir():
         sys.exit(f"{DATA} not found: the benchmark reads real JPEGs from ../shared/datasets")
     work = Path(tempfile.mkdtemp(prefix="extract-bench-"))
+    load = idle_check("extract_bench")
     try:
         if args.startup_only:
             c, f = startup(work, args.batch_size, args.startup_rounds)
@@ -317,6 +309,7 @@ def main() -> None:
         print(f"peak RSS  N={n1}: {r1:.0f} MiB ({m1['computed']} computed)   10N={10 * n1}: {r10:.0f} MiB "
               f"({m10['computed']} computed)   ratio {r10 / r1:.3f}", flush=True)
     finally:
+        load.finish()
         shutil.rmtree(work, ignore_errors=True)
 
 
