@@ -22,52 +22,31 @@ It prints a table and appends one JSON line to ``--out``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
+from benchlib import ROOT, bench_parser, cpu_has_bf16, cpu_name, idle_check
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import keras  # noqa: E402
-from benchlib import cpu_name  # noqa: E402
-
-from pipeline.backbones.build import (  # noqa: E402
-    backbone_provenance,
-    build_backbone,
-    fold_bn_scale,
-    get_base,
-    image_size,
-    unfreeze_from,
-)
-from pipeline.core.io import library_versions, read_json, setup_logging  # noqa: E402
-from pipeline.core.manifest import read_manifest  # noqa: E402
-from pipeline.core.params import Params, load_params  # noqa: E402
-from pipeline.data.augment import augment as augment_images  # noqa: E402
-from pipeline.data.datasets import image_dataset  # noqa: E402
-from pipeline.data.images import load_batch  # noqa: E402
-from pipeline.finetune import BOTTOM_BATCH, bottom_engine, build_optimizer, file_digests  # noqa: E402
-from pipeline.finetuning.activations import ActivationCache, Activations, cache_key  # noqa: E402
-from pipeline.finetuning.cut import split_at  # noqa: E402
-from pipeline.finetuning.stream import clean_dataset  # noqa: E402
-from pipeline.models.heads import build_stacked, load_model  # noqa: E402
-from pipeline.runtime.engines import compile_engine  # noqa: E402
-
-
-def cpu_has_bf16() -> bool:
-    """AVX512_BF16 or AMX-BF16 in the CPU flags (Linux); False when they cannot be read."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+from pipeline.backbones.build import backbone_provenance, build_backbone, get_base, resolve_unfreeze_from
+from pipeline.backbones.registry import image_size
+from pipeline.core.io import file_digests, library_versions, read_json, setup_logging
+from pipeline.core.manifest import read_manifest
+from pipeline.core.params import Params, load_params
+from pipeline.data.augment import augment as augment_images
+from pipeline.data.datasets import image_dataset
+from pipeline.data.images import load_batch
+from pipeline.finetuning.activations import BOTTOM_BATCH, ActivationCache, Activations, bottom_engine, cache_key
+from pipeline.finetuning.cut import cut_at
+from pipeline.finetuning.recipe import build_optimizer, fold_bn_scale, unfreeze_from
+from pipeline.finetuning.stream import clean_dataset
+from pipeline.models.heads import build_stacked, load_model
+from pipeline.runtime.engines import compile_engine
 
 
 def build(params: Params, run: Path, steps: int) -> tuple[keras.Model, keras.Model, object]:
@@ -77,9 +56,10 @@ def build(params: Params, run: Path, steps: int) -> tuple[keras.Model, keras.Mod
     keras.utils.set_random_seed(params.seed)
     stacked = build_stacked(backbone, head)
     base = get_base(backbone)
-    unfreeze_from(base, params.finetune.unfreeze_from, params.backbone.name)
+    boundary = resolve_unfreeze_from(params.finetune.unfreeze_from, params.backbone.name)  # `auto`, as finetune
+    unfreeze_from(base, boundary, params.backbone.name)
     fold_bn_scale(base)
-    split = split_at(backbone, head, params.finetune.unfreeze_from)
+    split = cut_at(backbone, head, boundary)
     loss = keras.losses.SparseCategoricalCrossentropy()
     for m in (stacked, split.top):
         m.compile(optimizer=build_optimizer(params.finetune, steps), loss=loss, metrics=["accuracy"])
@@ -127,7 +107,9 @@ def step_rate(model, x, y, reps: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = bench_parser(__doc__, "~3-5 min on the idle machine (estimate: docs/finetune.md's run, --images 256 "
+                               "--rounds 3, took ~80 s a round under load 13-17, about 5x an idle machine's time; "
+                               "the default is 512 images x 3 rounds, plus warm-up and the levers)")
     ap.add_argument("--run", type=Path, required=True, help="folder with manifest.csv, classes.json, head.keras")
     ap.add_argument("--raw", type=Path, required=True, help="the images the manifest's paths are relative to")
     ap.add_argument("--images", type=int, default=512, help="training images per timed epoch")
@@ -136,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=ROOT / ".cache" / "finetune_speed.jsonl")
     args = ap.parse_args(argv)
     setup_logging()
+    load = idle_check("finetune_speed")
     params = load_params(args.params)
     size = image_size(params.backbone)
     classes = read_json(args.run / "classes.json")["classes"]
@@ -197,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
                 fn(u8)
                 rates_bottom[name].append(len(u8) / (time.perf_counter() - t0))
         lev = {k: statistics.median(v) for k, v in {**lever, **rates_bottom}.items() if v}
+    load.finish()
 
     n = len(paths)
     views, epochs = params.finetune.views, params.finetune.epochs
