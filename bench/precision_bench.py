@@ -24,37 +24,20 @@ one in-memory batch of real images, rounds interleaved, medians, as a ratio to i
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
+from benchlib import SHARED_DATASETS, bench_params, bench_parser, cpu_flags, cpu_has_bf16, cpu_name, idle_check
 
-import numpy as np  # noqa: E402
-from benchlib import cpu_name  # noqa: E402
-
-from pipeline.backbones.registry import resolve  # noqa: E402
-from pipeline.core.io import read_json  # noqa: E402
-from pipeline.core.manifest import read_manifest  # noqa: E402
-from pipeline.core.params import parse_params  # noqa: E402
-from pipeline.runtime.engines import onnx_session, session_infer  # noqa: E402
-from pipeline.runtime.inference import batched_images  # noqa: E402
-
-DATA = ROOT.parent / "shared" / "datasets"
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
+from pipeline.backbones.registry import resolve
+from pipeline.core.io import read_json
+from pipeline.core.manifest import read_manifest
+from pipeline.core.params import parse_params
+from pipeline.runtime.engines import onnx_session, session_infer
+from pipeline.runtime.inference import batched_images
 
 
 def decode(paths: list[str], size: int) -> np.ndarray:
@@ -163,7 +146,9 @@ def speeds(infers: dict, x: np.ndarray, rounds: int, steps: int = 2) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = bench_parser(__doc__, "~5-10 min on the idle machine for the three default sets (estimate, not timed "
+                               "as a whole: docs/engines.md's run was under load 13-16, where everything takes "
+                               "~10x longer)")
     ap.add_argument("--sets", nargs="+", default=["simpsons_dev", "flower_photos", "hymenoptera"])
     ap.add_argument("--base", type=Path, default=Path("/work/bench_base"))
     ap.add_argument("--calib", type=int, default=128, help="training images the int8 ranges are calibrated on")
@@ -179,11 +164,12 @@ def main() -> None:
     from pipeline.models.heads import load_model
     from pipeline.runtime.converters import to_onnx
 
-    params = parse_params(__import__("yaml").safe_load((ROOT / "params.yaml").read_text()))
+    params = parse_params(bench_params())
     bb = resolve(params.backbone)
     size = bb.size
     flags = cpu_flags()
-    has_bf16 = any(f in flags for f in BF16_FLAGS)
+    has_bf16 = cpu_has_bf16()
+    load = idle_check("precision_bench")
     print(f"CPU {cpu_name()}, {len(os.sched_getaffinity(0))} cores, bf16: {has_bf16}, vnni: "
           f"{'avx512_vnni' in flags or 'avx_vnni' in flags}; backbone {bb.name} {size}px; load "
           f"{os.getloadavg()[0]:.1f}", flush=True)
@@ -202,7 +188,7 @@ def main() -> None:
         items = read_manifest(run / "manifest.csv")
         t0 = time.perf_counter()
         split = {s: [it for it in items if it.split == s] for s in ("train", "val", "test")}
-        pixels = {s: decode([str(DATA / name / it.path) for it in rows], size) for s, rows in split.items()}
+        pixels = {s: decode([str(SHARED_DATASETS / name / it.path) for it in rows], size) for s, rows in split.items()}
         labels = {s: np.array([index[it.label] for it in rows]) for s, rows in split.items()}
         rng = np.random.default_rng(0)
         calib = pixels["train"][np.sort(rng.choice(len(pixels["train"]), min(args.calib, len(pixels["train"])),
@@ -262,6 +248,7 @@ def main() -> None:
         if args.out:
             with open(args.out, "a") as fh:
                 fh.write(json.dumps(result) + "\n")
+    load.finish()
 
 
 if __name__ == "__main__":
