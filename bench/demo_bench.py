@@ -15,21 +15,16 @@ is appended to ``--work``/results.jsonl.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchlib import ROOT, bench_params, bench_parser, idle_check
 
-from benchlib import bench_params  # noqa: E402
-
-from pipeline import demo_data, evaluate, extract, finetune, prepare, train_head  # noqa: E402
-from pipeline.core.io import setup_logging  # noqa: E402
-from pipeline.core.manifest import SPLITS  # noqa: E402
-from pipeline.core.params import parse_params  # noqa: E402
+from pipeline import demo_data, evaluate, extract, finetune, prepare, train_head
+from pipeline.core.io import setup_logging
+from pipeline.core.manifest import SPLITS
+from pipeline.core.params import parse_params
 
 
 def bench_seed(seed: int, per_class: int, overrides: list[str], work: Path) -> dict:
@@ -67,14 +62,17 @@ def bench_seed(seed: int, per_class: int, overrides: list[str], work: Path) -> d
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = bench_parser(__doc__, "~1.5-2 min a seed on the idle 2-core machine, ~5 min for the default seeds 0 1 2 "
+                               "(docs/demo.md: the demo's whole dvc repro from nothing, export included, ~2 min "
+                               "idle)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--per-class", type=int, default=100, help="images per class, as dvc.yaml's demo command")
     ap.add_argument("-S", dest="overrides", action="append", default=[], help="params override key=value (YAML)")
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "demo_bench")
     args = ap.parse_args(argv)
     setup_logging()
-    results = [bench_seed(s, args.per_class, args.overrides, args.work) for s in args.seeds]
+    with idle_check("demo_bench"):
+        results = [bench_seed(s, args.per_class, args.overrides, args.work) for s in args.seeds]
     print(f"\noverrides: {' '.join(args.overrides) or '(params.yaml defaults)'}")
     print("| seed | head acc / log loss | fine-tuned acc / log loss | test images gained | kept epoch | "
           "val loss head → kept | stages s (wall / CPU) |")
