@@ -4,8 +4,9 @@
                                   [--rounds 7]
 
 - old: ``pipeline/predict.py`` as of commit 9437c9a (``git show``), run as a script against this
-  tree's library modules: imports TensorFlow, loads the .keras model and converts it to ONNX
-  on every call (its default engine on CPU);
+  tree's library modules (its imports pointed at where the sub-package regroup moved them):
+  imports TensorFlow, loads the .keras model and converts it to ONNX on every call (its default
+  engine on CPU);
 - new: ``python -m pipeline.predict`` on the exported ``model.onnx`` (+ ``serving.json``):
   ONNX Runtime, Pillow and NumPy only;
 - floor: ``python -c "import onnxruntime, PIL.Image, numpy"``, what any ONNX predictor pays.
@@ -30,6 +31,19 @@ from pathlib import Path
 from benchlib import ROOT, bench_parser, child_env, cpu_name, idle_check, run_child
 
 OLD_COMMIT = "9437c9a"
+# The modules the old script imports, and where the sub-package regroup (fda7efe) moved them.
+MOVED = {"pipeline.engines": "pipeline.runtime.engines", "pipeline.images": "pipeline.data.images",
+         "pipeline.inference": "pipeline.runtime.inference", "pipeline.io_utils": "pipeline.core.io",
+         "pipeline.models": "pipeline.models.heads", "pipeline.scanning": "pipeline.data.scanning"}
+
+
+def old_predict_source() -> str:
+    """``pipeline/predict.py`` at OLD_COMMIT, its ``from pipeline.X import`` lines pointed at today's modules."""
+    text = subprocess.run(["git", "show", f"{OLD_COMMIT}:pipeline/predict.py"], cwd=ROOT, check=True,
+                          capture_output=True, text=True).stdout
+    for old, new in MOVED.items():
+        text = text.replace(f"from {old} import ", f"from {new} import ")
+    return text
 
 
 def probs_of(csv_path: Path) -> list[float]:
@@ -62,8 +76,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="predict-bench-") as tmp:
         work = Path(tmp)
         old = work / "old_predict.py"
-        old.write_text(subprocess.run(["git", "show", f"{OLD_COMMIT}:pipeline/predict.py"], cwd=ROOT, check=True,
-                                      capture_output=True, text=True).stdout)
+        old.write_text(old_predict_source())
         onnx, meta = (args.onnx, args.meta) if args.onnx else export(args.keras.resolve(), work, env)
         image = args.image
         if image is None:
