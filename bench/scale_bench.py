@@ -58,6 +58,8 @@ def setup_project(proj: Path, raw_rel: str, head_type: str = "logreg") -> None:
     proj.mkdir(parents=True)
     shutil.copy(ROOT / "dvc.yaml", proj / "dvc.yaml")
     shutil.copytree(ROOT / "pipeline", proj / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    (proj / "data").mkdir()
+    shutil.copy(ROOT / "data" / "exclude.txt", proj / "data" / "exclude.txt")  # prepare's --exclude, a dep
     write_params(proj, raw_rel, head_type)
     subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=proj, check=True)
 
