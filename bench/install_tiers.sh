@@ -5,10 +5,31 @@
 # MB of `du` on the venv). Then the CI set (runtime + dev + ray + litert) once more in a fresh
 # venv with pip's cache warm. The GPU tier is resolved with `pip install --dry-run --report`
 # (its CUDA wheels are several GB) and its download size summed from the wheel files' sizes.
+# PYTHON=... picks the interpreter (default python3). Needs PyPI (network).
+# Takes ~10 min: docs/install.md's run (load 10-14) spent 279 s on the CPU tiers and 464 s on the
+# CI set, plus the GPU dry run; mostly unpacking and byte-compiling, so less on an idle machine.
+# Measuring protocol: times only from an idle machine (1-minute load average below 1.5 before and
+# during, no other job; the load is printed at start and end, with a loud warning at 1.5 or more);
+# the sizes do not depend on the load. Every bench script: bench/README.md.
 set -euo pipefail
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
+  sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"
+  exit 0
+fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 WORK="${1:-/tmp/install-tiers}"
 PY="${PYTHON:-python3}"
+load_check() {  # load_check WHEN: uptime's load averages on stderr, a loud warning when the 1-minute one is >= 1.5
+  local avg one
+  avg=$(uptime | sed 's/.*load averages*: //')
+  one=${avg%%[, ]*}
+  echo "[install_tiers] load average at $1: $avg" >&2
+  if [ "$(echo "$one >= 1.5" | bc)" = 1 ]; then
+    echo "!!! NOT IDLE: 1-minute load average $one >= 1.5 at the $1 of install_tiers: its times break the" \
+      "measuring protocol (bench/README.md); rerun on an idle machine." >&2
+  fi
+}
+load_check start
 rm -rf "$WORK"; mkdir -p "$WORK"
 mb() { du -sm "$1" | cut -f1; }
 now() { date +%s.%N; }
@@ -53,3 +74,4 @@ print(f"GPU tier (dry run): {len(report['install'])} packages, {total / 1e6:.0f}
       f"(nvidia-* CUDA libraries {nvidia / 1e6:.0f} MB, tensorflow {tf / 1e6:.0f} MB)")
 PYEOF
 rm -rf "$WORK/gpu"
+load_check end
