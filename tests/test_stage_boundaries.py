@@ -35,7 +35,8 @@ STAGE_MODULES = {stage: _module(stage) for stage in DVC}
 @pytest.mark.parametrize("stage", list(DVC))
 def test_code_deps_are_exactly_the_import_closure(stage):
     listed = sorted(d for d in DVC[stage]["deps"] if d.startswith("pipeline/"))
-    assert listed == import_closure(STAGE_MODULES[stage]), f"dvc.yaml deps of {stage} differ from its imports"
+    assert listed == import_closure(STAGE_MODULES[stage]), (
+        f"dvc.yaml deps of {stage} differ from its imports: run python scripts/dvc_deps.py")
 
 
 @pytest.mark.parametrize("stage", list(DVC))
