@@ -125,7 +125,7 @@ def _fit(x: np.ndarray, y: np.ndarray, params: AuditParams, seed: int) -> tuple[
 
     ``audit.standardize``: each feature dimension to zero mean and unit variance over the fold's
     training rows (L-BFGS then converges in ~6-10x less time than on RMS-scaled features, at the
-    same label-issue recall, docs/audit.md); else one global RMS scale, as train_head's logreg head.
+    same label-issue recall, docs/benchmarks/audit.md); else one global RMS scale, as train_head's logreg head.
     """
     x = x.astype(np.float64)
     if params.standardize:

@@ -10,7 +10,7 @@ ring colour, size, thickness and position, gap width, a few distractor strokes a
 noise. The classes differ only in *where* a small detail sits relative to the ring, a cue
 that global-average-pooled ImageNet features mostly pool away, so the frozen-feature head
 is mediocre, while adapting the backbone's top stages learns it within a few epochs: the
-demo shows what fine-tuning is for (docs/demo.md has the measurements). The classes survive
+demo shows what fine-tuning is for (docs/benchmarks/demo.md has the measurements). The classes survive
 the default augmentation: left and right gaps are one class (horizontal flips), and the gap
 directions are 90° apart (rotations are at most ±18°).
 

@@ -15,7 +15,7 @@ augmented view on an inference engine into a float16 activation cache (:mod:`pip
 and only the top trains, on the stored activations (:mod:`pipeline.finetuning.stream`), validated on
 the cached clean val activations. The top is the stacked model's own layers, so the saved model
 is the full backbone + head; after training, its probabilities on val images are checked
-against the trained top's on the stored activations (split parity). docs/finetune.md has the
+against the trained top's on the stored activations (split parity). docs/benchmarks/finetune.md has the
 measurements.
 
 With ``--checkpoint``, the state after every epoch is saved there (atomically), and with

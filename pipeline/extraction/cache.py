@@ -19,7 +19,7 @@ key* (:func:`model_key`) = hash of what decides a feature vector's value, and no
   the decoder, the augmentation, the network builder, the converter and the engines' runners
   (:data:`FEATURE_CODE`), by their syntax tree, so comments, docstrings and annotations are not
   part of it, nor is any code the roots do not reach (params.py, fine-tune-only code in
-  backbones.py, train/eval/export stages).
+  pipeline/finetuning/, train/eval/export stages).
 
 The namespace also holds the converted backbone that ONNX Runtime runs (``backbone.onnx``,
 :func:`pipeline.runtime.engines.onnx_backbone`): the same key decides it.

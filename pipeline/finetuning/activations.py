@@ -12,11 +12,11 @@ decoded image is (as ``extract`` rounds its views). Fine-tuning's views are deli
 extract's (:data:`pipeline.data.augment.EXTRACT_VIEWS`): the head was fitted on those, so on them the
 stacked model's training loss starts near zero and fine-tuning learns little (measured on
 simpsons_dev: epoch-1 training loss 0.030 on extract's views against 0.109 on its own, val
-loss 0.426 against 0.391 after 2 epochs; docs/finetune.md). A cache folder per *key* =
+loss 0.426 against 0.391 after 2 epochs; docs/benchmarks/finetune.md). A cache folder per *key* =
 everything that decides the values: backbone provenance (weights digest, size, preprocessing),
 the boundary layer, engine and version, library versions, storage dtype.
 
-Stored float16: relative rounding 2^-11 (≈ 5e-4), measured harmless (docs/finetune.md), and half
+Stored float16: relative rounding 2^-11 (≈ 5e-4), measured harmless (docs/benchmarks/finetune.md), and half
 the bytes of float32 (43 KB per view at 14 × 14 × 112). bfloat16 keeps only 8 bits of mantissa
 (8x the error) for no gain here.
 

@@ -3,7 +3,7 @@
 ``tensorflow`` runs the Keras model in one compiled function (:func:`pipeline.runtime.inference.compile_uint8`):
 the GPU path and the reference. ``onnxruntime`` runs the *same* Keras model converted to ONNX
 by tf2onnx (no second definition of any network) on ONNX Runtime's CPU execution provider:
-about 1.3-1.8x TensorFlow's throughput on the 2-core CPUs measured (docs/engines.md),
+about 1.3-1.8x TensorFlow's throughput on the 2-core CPUs measured (docs/benchmarks/extraction.md),
 features within 3e-5 of TensorFlow's (measured: 5e-6 at 224 px, 1.6e-5 at 64 px, on features
 up to ~5-6; tests/test_engines.py holds the bound). Extract keeps the converted backbone in its feature
 cache (:func:`onnx_backbone`), so a run whose model is cached never imports TensorFlow.
@@ -13,7 +13,7 @@ inside the model. Precision is float32 on CPU, forced: :func:`pipeline.runtime.c
 checks that the graph holds no float16/bfloat16 tensor, and ONNX Runtime's CPU provider
 computes in the graph's own types, never lowering precision by itself (unlike e.g. OpenVINO's
 default bf16 on AMX/AVX-512 CPUs). Reduced precision on CPU was measured and not kept
-(docs/engines.md, "Reduced precision").
+(docs/benchmarks/precision.md).
 
 This module imports neither Keras nor TensorFlow at import time: they load only when a model
 is built, converted or run on TensorFlow.

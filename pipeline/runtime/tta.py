@@ -7,7 +7,7 @@ is the usual choice: it is what the per-view outputs of every exported format gi
 average of calibrated probabilities stays a probability.
 
 Views: ``original`` and ``hflip`` (left-right mirror), the view the training augmentation
-(``augment.flip``) already taught the model. docs/trust.md has the measurements behind the
+(``augment.flip``) already taught the model. docs/benchmarks/calibration.md has the measurements behind the
 default ``evaluate.tta``.
 """
 from __future__ import annotations
