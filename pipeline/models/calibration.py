@@ -31,7 +31,8 @@ PROB_FLOOR = 1e-30
 # (common at 98 % accuracy, and the split early stopping already chose the epoch on) makes the
 # plain maximum-likelihood T run off towards sharpening: with no mistake at all it would hit T_MIN.
 # The prior keeps T near 1 when the val split says little, and is negligible when it says much
-# (measured in docs/benchmarks/calibration.md: dogs_vs_cats' fine-tuned model, 1 mistake in 283 val images, T 0.76 → 0.86).
+# (measured in docs/benchmarks/calibration.md: dogs_vs_cats' fine-tuned model, 1 mistake in 283 val images,
+# T 0.76 → 0.86).
 LOG_T_PRIOR_SD = 0.5
 # Bounds of the fitted T: wide enough for any real model (fitted values are ~0.5-3), narrow enough
 # that a degenerate val split (all correct and confident) cannot drive T to 0 or infinity.
