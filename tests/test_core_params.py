@@ -1,3 +1,6 @@
+"""params.yaml → validated dataclasses (pipeline/core/params.py): every bad key or value named with what is
+allowed, YAML 1.2 numbers, the code defaults equal to params.yaml. (Backbone names and sizes are checked by
+the registry: test_backbones_registry.py.)"""
 import dataclasses
 import re
 
@@ -34,7 +37,6 @@ def test_every_param_in_params_yaml_has_a_comment():
 @pytest.mark.parametrize("raw, needle", [
     ({"head": {"tpye": "logreg"}}, "unknown key head.tpye"),
     ({"head": {"type": "svm"}}, "'logreg', 'dense'"),
-    ({"backbone": {"name": "resnet"}}, "efficientnet_lite0, vgg16"),
     ({"data": {"val_fraction": 1.5}}, "data.val_fraction: 1.5 is out of range"),
     ({"data": {"val_fraction": 0.6, "test_fraction": 0.5}}, "leaves nothing to train on"),
     ({"extract": {"batch_size": "32"}}, "extract.batch_size: '32' is not an integer"),
@@ -50,8 +52,6 @@ def test_every_param_in_params_yaml_has_a_comment():
     ({"data": {"raw_dir": "/data/cost $5"}}, "data.raw_dir: '/data/cost $5' contains a dollar sign"),
     ({"data": {"raw_dir": "~/photos"}}, "data.raw_dir: '~/photos' starts with ~"),
     ({"data": {"raw_dir": "two\nlines"}}, "contains a line break"),
-    ({"backbone": {"name": "inception_v3", "image_size": 64}}, "backbone.image_size: 64 is below the smallest "
-                                                              "input inception_v3 accepts (75 px)"),
 ])
 def test_bad_params_name_key_and_allowed_values(raw, needle):
     with pytest.raises(ParamsError) as exc:
@@ -111,3 +111,25 @@ def test_code_defaults_equal_params_yaml():
     drift = {k: (code[k], written[k]) for k in code
              if code[k] != written[k] or isinstance(code[k], bool) != isinstance(written[k], bool)}
     assert drift == {}, f"pipeline/core/params.py default vs params.yaml value: {drift}"
+
+
+@pytest.mark.parametrize("raw, needle", [
+    ({"data": {"max_rejected_fraction": 1.5}}, "data.max_rejected_fraction: 1.5 is out of range; allowed [0.0, 1.0]"),
+    ({"data": {"min_images_per_class": 0}}, "data.min_images_per_class: 0 is out of range"),
+    ({"data": {"max_image_pixels": "1e8"}}, "data.max_image_pixels: '1e8' is not an integer"),
+    ({"data": {"max_rejected_fraktion": 0.1}}, "unknown key data.max_rejected_fraktion"),
+    ({"head": {"class_weight": "auto"}}, "head.class_weight: 'auto' is not allowed; use one of 'none', 'balanced'"),
+    ({"finetune": {"class_weight": True}}, "finetune.class_weight: True is not allowed"),
+    ({"finetune": {"resume": "yes"}}, "finetune.resume: 'yes' is not true or false"),
+])
+def test_bad_new_params_name_the_key_the_value_and_what_is_allowed(raw, needle):
+    with pytest.raises(ParamsError) as exc:
+        parse_params(raw)
+    assert needle in str(exc.value)
+
+
+def test_new_params_defaults():
+    p = parse_params({})
+    assert (p.data.max_rejected_fraction, p.data.min_images_per_class, p.data.max_image_pixels) == \
+        (0.05, 5, 100_000_000)
+    assert (p.head.class_weight, p.finetune.class_weight, p.finetune.resume) == ("none", "none", True)
