@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 
 import keras
 import pytest
-from conftest import ROOT, as_params, make_images, tiny_params
+from conftest import as_params, make_images, tiny_params
 
 from pipeline import extract, finetune, prepare, train_head
 from pipeline.backbones.build import (
@@ -25,8 +24,10 @@ from pipeline.backbones.build import (
 )
 from pipeline.backbones.registry import REGISTRY
 from pipeline.core.manifest import SPLITS
-from pipeline.core.params import FinetuneParams, load_params
+from pipeline.core.params import FinetuneParams
 from pipeline.finetuning.recipe import unfreeze_from
+
+pytestmark = pytest.mark.slow  # every registered backbone through extract, train_head and finetune
 
 # The share of a backbone's weights its default boundary unfreezes: "the last stage or two", neither
 # the head alone nor the whole network (efficientnet_lite0's block6a_expand_conv: 0.77).
@@ -49,12 +50,6 @@ def prepared(tmp_path_factory) -> tuple[Path, Path]:
     return raw, root
 
 
-def test_the_repo_default_is_auto_and_lite0_keeps_its_measured_boundary():
-    assert load_params(ROOT / "params.yaml").finetune.unfreeze_from == "auto" == FinetuneParams().unfreeze_from
-    assert REGISTRY["efficientnet_lite0"].unfreeze_from == "block6a_expand_conv"
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_every_backbone_finetunes_with_default_params(prepared, tmp_path, name):
     raw, root = prepared
@@ -94,12 +89,3 @@ def test_every_backbone_finetunes_with_default_params(prepared, tmp_path, name):
     start = [layer.name for layer in base.layers].index(spec.unfreeze_from)
     assert not any(layer.trainable_weights for layer in base.layers[:start])
     assert not any(isinstance(layer, keras.layers.BatchNormalization) and layer.trainable for layer in base.layers)
-
-
-def test_the_listing_marks_the_auto_boundary_and_each_share(capsys):
-    from pipeline.backbones.build import main
-
-    main(["mobilenet_v2"])
-    out = capsys.readouterr().out
-    assert "2,257,984 weights" in out
-    assert re.search(r"block_13_expand +73\.7% +<- auto", out) and re.search(r"Conv_1 +18\.1%\n", out), out
