@@ -1,4 +1,5 @@
-"""The inference engines (pipeline/runtime/engines.py): ONNX Runtime against the TensorFlow reference.
+"""The inference engines (pipeline/runtime/engines.py): ONNX Runtime against the TensorFlow reference, each engine's
+plan, and extract keeping each engine's features apart.
 
 Real components throughout: the Keras backbone build_backbone returns, converted by tf2onnx and
 run by ONNX Runtime; real HDF5 files and feature cache from extract.run.
@@ -7,7 +8,6 @@ import json
 from pathlib import Path
 
 import h5py
-import keras
 import numpy as np
 import pytest
 from conftest import ROOT, as_params, make_images, tiny_params
@@ -17,7 +17,7 @@ from pipeline.backbones.build import build_backbone
 from pipeline.core.manifest import SPLITS
 from pipeline.core.params import ParamsError
 from pipeline.predict import run as predict_run
-from pipeline.runtime import converters, engines
+from pipeline.runtime import engines
 
 # The documented claims (README "Inference engines", pipeline/runtime/engines.py), as numbers, not imported:
 # features of the same image on ONNX Runtime and TensorFlow within 3e-5 (float32 rounding in another summation
@@ -53,17 +53,6 @@ def test_onnx_features_match_tensorflow_and_are_bit_identical_however_batched(ba
     np.testing.assert_array_equal(onnx(x[::-1]), full[::-1])
     mixed = np.concatenate([_pixels(3, seed=1), x[2:6]])
     np.testing.assert_array_equal(onnx(mixed)[3:], full[2:6])
-
-
-def test_the_cpu_engine_refuses_reduced_precision():
-    params = as_params(tiny_params(**{"backbone.weights": "none"})).backbone
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
-        half = build_backbone(params)
-        with pytest.raises(RuntimeError, match="reduced-precision"):
-            converters.to_onnx(half, 64)
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
 
 
 def test_engine_choice_and_its_params():
