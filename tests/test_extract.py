@@ -1,4 +1,5 @@
-"""Extract's content-addressed cache: incremental runs, kill -9 resume, chunked writes."""
+"""Stage extract (pipeline/extract.py): incremental runs through the content-addressed cache, identical files
+computed once, chunked writes, the augmented views of the training images, and a kill -9 resumed."""
 import hashlib
 import os
 import shutil
@@ -10,12 +11,17 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 import yaml
 from conftest import ROOT, as_params, make_images, tiny_params
 
 from pipeline import extract, prepare
+from pipeline.backbones.build import build_backbone
 from pipeline.core.manifest import SPLITS, read_manifest
+from pipeline.data.augment import augment_uint8, view_key
+from pipeline.data.images import load_image
 from pipeline.extraction import work as feature_work
+from pipeline.runtime.engines import compile_engine, has_gpu, resolve_engine
 
 
 def _setup(tmp_path: Path, per_class: int = 12, **overrides):
@@ -90,6 +96,7 @@ def test_small_chunks_give_the_same_files(tmp_path, monkeypatch):
             assert h5["features"].chunks is not None and h5["features"].chunks[0] <= 4
 
 
+@pytest.mark.slow  # 900 images, an extract subprocess killed with SIGKILL and rerun (~30 s)
 def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
     raw = make_images(tmp_path / "raw", per_class=300, size=40)
     proj = tmp_path / "proj"
@@ -129,3 +136,43 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
                 params=params)
     for split in SPLITS:
         assert _sha(proj / f"{split}.h5") == _sha(fresh[split]), f"{split}.h5 differs from an uninterrupted run"
+
+
+def _extract_views(tmp_path, raw, out, views, cache):
+    params = as_params(tiny_params(str(raw), **{"extract.augmented_views": views}))
+    prepare.run(raw_dir=raw, manifest=out / "manifest.csv", classes_out=out / "classes.json", params=params.data)
+    outs = {s: out / f"{s}.h5" for s in SPLITS}
+    m = extract.run(raw_dir=raw, manifest=out / "manifest.csv", classes_json=out / "classes.json", outs=outs,
+                    params=params, metrics=out / "m.json", cache_dir=cache)
+    return params, outs, m
+
+
+def test_extract_caches_views_of_train_images_only_and_reuses_them(tmp_path):
+    raw = make_images(tmp_path / "raw", per_class=12)
+    cache = tmp_path / "cache"
+    params, outs, m = _extract_views(tmp_path, raw, tmp_path / "a", 2, cache)
+    with h5py.File(outs["train"], "r") as h5:
+        feats, views, paths = h5["features"][...], h5["views"][...], [p.decode() for p in h5["paths"][...]]
+        assert h5.attrs["augmented_views"] == 2 and "rotation" in h5.attrs["augment"]
+    n = len(paths)
+    assert views.shape == (n, 2, feats.shape[1]) and m["augmented_views_computed"] == 2 * n
+    assert not np.array_equal(views[:, 0], feats) and not np.array_equal(views[:, 0], views[:, 1])
+    for split in ("val", "test"):
+        with h5py.File(outs[split], "r") as h5:
+            assert "views" not in h5 and h5.attrs["augmented_views"] == 0
+    # View k of an image is backbone(uint8(augment(image, view_key(sha256(file), k)))) on extract's engine,
+    # in any batch.
+    engine = resolve_engine(params.extract.engine, has_gpu())
+    infer = compile_engine(build_backbone(params.backbone), 64, engine, params.extract.batch_size)
+    digest = hashlib.sha256((raw / paths[3]).read_bytes()).digest()
+    image = load_image(str(raw / paths[3]), 64)[None]
+    again = infer(augment_uint8(np.concatenate([image, image]), params.augment,
+                                [view_key(digest, 1), view_key(b"x", 0)]))[0]
+    np.testing.assert_array_equal(again, views[3, 1])
+    # A rerun computes nothing; one more view computes exactly that view, the first two reused as they were.
+    _, _, m2 = _extract_views(tmp_path, raw, tmp_path / "b", 2, cache)
+    assert m2["computed"] == 0 and m2["augmented_views_computed"] == 0
+    _, outs3, m3 = _extract_views(tmp_path, raw, tmp_path / "c", 3, cache)
+    assert m3["augmented_views_computed"] == n
+    with h5py.File(outs3["train"], "r") as h5:
+        np.testing.assert_array_equal(h5["views"][:, :2], views)

@@ -1,10 +1,12 @@
-"""The feature cache key changes when features can, and only then.
+"""The feature cache (pipeline/extraction/cache.py): its key changes when features can, and only then; its
+namespace folder holds float32 rows by image digest, from this process or another writer.
 
-It hashes what decides a feature vector (pipeline.extraction.cache.model_key): the resolved backbone
+The key hashes what decides a feature vector (pipeline.extraction.cache.model_key): the resolved backbone
 (weights digest, architecture, size, pooling, decoder + preprocessing), the engine, its version
 and precision, library versions, and the code that computes features by its syntax tree, followed
 from the decode / augment / network / conversion / engine entry points. These tests edit a copy
-of pipeline/ and check which edits move the key.
+of pipeline/ and check which edits move the key. (The chunk protocol below the cache:
+test_core_chunks.py.)
 """
 import shutil
 from pathlib import Path
@@ -16,7 +18,15 @@ from conftest import ROOT, as_params, make_images, tiny_params
 from pipeline import extract, prepare
 from pipeline.backbones.registry import resolve
 from pipeline.core.manifest import SPLITS
-from pipeline.extraction.cache import FEATURE_CODE, code_fingerprint, feature_code_files, model_key
+from pipeline.extraction.cache import (
+    FEATURE_CODE,
+    FeatureCache,
+    code_fingerprint,
+    feature_code_files,
+    model_key,
+    stored_dim,
+    write_features,
+)
 
 
 @pytest.fixture()
@@ -201,3 +211,23 @@ def test_with_the_converted_model_cached_the_stage_never_imports_tensorflow(tmp_
     assert stage() == "TF-IMPORTED"  # the first run converts the backbone
     make_images(tmp_path / "raw", per_class=14)  # new images to compute, on the cached model
     assert stage() == "TF-FREE"
+
+
+def test_the_cache_keeps_float32_rows_by_digest_and_sees_another_writers_chunks(tmp_path):
+    digests = [bytes([i]) * 32 for i in range(5)]
+    feats = np.random.default_rng(0).normal(size=(5, 4))  # float64 in: stored as float32
+    cache = FeatureCache(tmp_path, "key", {"backbone": "x"}, dim=4)
+    assert stored_dim(tmp_path, "key") == 4 and stored_dim(tmp_path, "other") is None
+    cache.add_chunk(digests[:3], feats[:3])
+    cache.add_chunk([], np.zeros((0, 4)))  # nothing to commit: no empty chunk
+    assert len(list(cache.dir.glob("*.keys.npy"))) == 1
+    write_features(cache.dir, digests[3:], feats[3:])  # a Ray actor's commit, without an index
+    assert digests[4] not in cache and cache.refresh() == 1 and len(cache) == 5
+    got = cache.get_many(digests[::-1])
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, feats[::-1].astype(np.float32))
+    assert cache.get_many([]).shape == (0, 4)
+    # Reopened with another description, the namespace keeps what it recorded first.
+    FeatureCache(tmp_path, "key", {"backbone": "y"}, dim=7)
+    assert stored_dim(tmp_path, "key") == 4
+

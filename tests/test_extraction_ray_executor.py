@@ -1,11 +1,13 @@
-"""extract.executor: ray on a real local Ray instance (2 CPUs): bit-identical to the local executor,
-incremental, and safe when an actor is killed with kill -9 mid-run."""
+"""The Ray executor of extract (pipeline/extraction/ray_executor.py) on a real local Ray instance (2 CPUs):
+bit-identical to the local executor, incremental, and safe when an actor is killed with kill -9 mid-run;
+without Ray installed, one line naming the install command."""
 from __future__ import annotations
 
 import hashlib
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,15 +21,12 @@ from pipeline.core.chunks import DIGEST_BYTES
 from pipeline.core.io import file_digests
 from pipeline.core.manifest import SPLITS
 
-ray = pytest.importorskip("ray")
-
-pytestmark = pytest.mark.slow  # Ray start-up and TensorFlow in every actor: tens of seconds on 2 cores
-
 RAY = {"extract.executor": "ray", "extract.ray.actors": 2, "extract.ray.batch_size": 16}
 
 
 @pytest.fixture(scope="module")
 def local_ray():
+    ray = pytest.importorskip("ray")
     from pipeline.extraction.ray_executor import job_runtime_env
 
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -62,6 +61,7 @@ def _cached_digests(cache: Path) -> list[bytes]:
     return found
 
 
+@pytest.mark.slow  # Ray start-up and TensorFlow in every actor: tens of seconds on 2 cores
 def test_ray_features_are_bit_identical_to_local_and_a_rerun_computes_only_new_images(tmp_path, local_ray):
     # 33 images in model batches of 8: the last batch holds one image (run as two, as locally).
     raw = make_images(tmp_path / "raw", per_class=11)
@@ -101,6 +101,7 @@ def _actor_pids() -> list[int]:
     return pids
 
 
+@pytest.mark.slow  # Ray start-up and TensorFlow in every actor: tens of seconds on 2 cores
 def test_an_actor_killed_with_kill_9_loses_no_chunk_and_the_run_matches_local(tmp_path, local_ray):
     raw = make_images(tmp_path / "raw", per_class=80, size=40)
     local_p = as_params(tiny_params(str(raw)))
@@ -136,3 +137,17 @@ def test_an_actor_killed_with_kill_9_loses_no_chunk_and_the_run_matches_local(tm
     assert len(set(_cached_digests(cache))) > len(set(file_digests([str(p) for p in sorted(raw.rglob("*.png"))])))
     for split in SPLITS:
         assert _sha(result["outs"][split]) == _sha(local[split])
+
+
+def test_ray_executor_without_ray_stops_at_once_naming_the_install_command(monkeypatch, tmp_path):
+    from pipeline.core.io import PipelineError
+    from pipeline.extract import run
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` and find_spec see without Ray installed
+    params = as_params(tiny_params(str(tmp_path / "raw"), **{"extract.executor": "ray"}))
+    # No manifest exists: the check comes before any input is read.
+    with pytest.raises(PipelineError) as exc:
+        run(raw_dir=tmp_path / "raw", manifest=tmp_path / "manifest.csv", classes_json=tmp_path / "classes.json",
+            outs={"train": tmp_path / "train.h5"}, params=params)
+    msg = str(exc.value)
+    assert "\n" not in msg and "pip install -r requirements-ray.txt" in msg and "missing: ray" in msg

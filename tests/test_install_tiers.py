@@ -2,11 +2,9 @@
 tiers hold the rest; scripts/test.sh installs every tier the tests use; a missing optional tier
 stops with one line naming its install command."""
 import re
-import sys
 from pathlib import Path
 
-import pytest
-from conftest import ROOT, as_params, tiny_params
+from conftest import ROOT
 
 OPTIONAL = {"dev": {"pytest", "ruff"}, "ray": {"ray"}, "litert": {"ai-edge-litert"}}
 
@@ -54,17 +52,3 @@ def test_the_test_script_installs_every_tier_the_tests_use():
     m = re.search(r'EXTRAS="\$\{EXTRAS:-([^}]*)\}" source scripts/setup.sh', script)
     assert m and set(m.group(1).split()) == set(OPTIONAL), "scripts/test.sh must install dev ray litert"
     assert "bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
-
-
-def test_ray_executor_without_ray_stops_at_once_naming_the_install_command(monkeypatch, tmp_path):
-    from pipeline.core.io import PipelineError
-    from pipeline.extract import run
-
-    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` and find_spec see without Ray installed
-    params = as_params(tiny_params(str(tmp_path / "raw"), **{"extract.executor": "ray"}))
-    # No manifest exists: the check comes before any input is read.
-    with pytest.raises(PipelineError) as exc:
-        run(raw_dir=tmp_path / "raw", manifest=tmp_path / "manifest.csv", classes_json=tmp_path / "classes.json",
-            outs={"train": tmp_path / "train.h5"}, params=params)
-    msg = str(exc.value)
-    assert "\n" not in msg and "pip install -r requirements-ray.txt" in msg and "missing: ray" in msg
