@@ -1,10 +1,15 @@
-"""The dense head streams its features from HDF5 in blocks: every training row once per epoch, a new
-deterministic order each epoch, and never more than one window of blocks in memory."""
+"""Stage train_head (pipeline/train_head.py): the head is fitted on every image and its views; the dense head
+streams its features from HDF5 in blocks (every training row once per epoch, a new deterministic order each epoch,
+never more than one window of blocks in memory); class weights recover a minority class; features from other
+params are refused."""
 import h5py
 import numpy as np
+import pytest
+from conftest import as_params, pipeline_until_head, tiny_params
 
 from pipeline import train_head
-from pipeline.extraction.features import FeatureSet, create_feature_file, open_features
+from pipeline.extraction.features import FeatureSet, ProvenanceError, create_feature_file, open_features
+from pipeline.models.heads import load_model
 
 
 def _feature_file(path, n=23, dim=3, views=2):
@@ -48,11 +53,59 @@ def test_feature_batches_cover_every_row_once_per_epoch_in_a_new_deterministic_o
         np.testing.assert_array_equal(yp, fs.labels)
 
 
-def test_block_predictions_equal_whole_array_predictions(tmp_path):
-    from pipeline.models.heads import build_head, predict_features
+def test_head_is_fitted_on_every_image_and_its_views():
+    rng = np.random.default_rng(0)
+    fs = FeatureSet(rng.normal(size=(5, 3)).astype(np.float32), np.arange(5) % 2, [str(i) for i in range(5)], {},
+                    views=rng.normal(size=(5, 2, 3)).astype(np.float32))
+    x, y = train_head.training_rows(fs)
+    assert x.shape == (15, 3) and list(y[:6]) == [0, 0, 0, 1, 1, 1]
+    np.testing.assert_array_equal(x[3], fs.features[1])
+    np.testing.assert_array_equal(x[5], fs.views[1, 1])
+    plain = FeatureSet(fs.features, fs.labels, fs.paths, {})
+    assert train_head.training_rows(plain)[0] is fs.features
 
-    fs = _feature_file(tmp_path / "val.h5", n=9)
-    head = build_head(3, 3)
-    with open_features(tmp_path / "val.h5") as ff:
-        np.testing.assert_allclose(predict_features(head, ff, rows=4),
-                                   head.predict(fs.features, verbose=0), atol=1e-6)
+
+def test_train_head_refuses_features_from_other_params(tmp_path):
+    raw, out, feats, params = pipeline_until_head(tmp_path)
+    other = as_params(tiny_params(str(raw), **{"backbone.image_size": 96}))
+    with pytest.raises(ProvenanceError, match="image_size"):
+        train_head.run(train_h5=feats["train"], val_h5=feats["val"], classes_json=out / "classes.json",
+                       head_out=out / "head2.keras", metrics_out=out / "m2.json", history_out=out / "h2.csv",
+                       params=other)
+
+
+def test_dense_head_trains_and_writes_history(tmp_path):
+    raw, out, feats, params = pipeline_until_head(tmp_path, **{"head.type": "dense", "head.dense.epochs": 5})
+    rows = (out / "h.csv").read_text().splitlines()
+    assert rows[0] == "epoch,loss,accuracy,val_loss,val_accuracy" and len(rows) >= 2
+    head, meta = load_model(out / "head.keras")
+    assert meta["head_type"] == "dense" and meta["class_names"] == ["circle", "square", "stripes"]
+
+
+@pytest.mark.parametrize("head_type", ["logreg", "dense"])
+def test_balanced_head_recovers_the_minority_class(head_type, tmp_path):
+    import h5py
+
+    from pipeline.extraction.features import create_feature_file, open_features
+    from pipeline.train_head import fit_dense, fit_logreg
+
+    rng = np.random.default_rng(0)
+    n_major, n_minor, dim = 400, 20, 8
+    x = np.concatenate([rng.normal(0, 1, (n_major, dim)), rng.normal(0.8, 1, (n_minor, dim))]).astype(np.float32)
+    y = np.array([0] * n_major + [1] * n_minor)
+    fs = FeatureSet(x, y, [f"{i}" for i in range(len(y))], {})
+    with h5py.File(tmp_path / "f.h5", "w") as h5:  # the dense head streams from a feature file
+        create_feature_file(h5, dim, y, fs.paths, {"complete": True}, 64)[...] = x
+    recall = {}
+    for cw in ("none", "balanced"):
+        params = as_params(tiny_params(**{"head.type": head_type, "head.class_weight": cw, "head.logreg.C": 1.0,
+                                          "head.dense.epochs": 10, "head.dense.dropout": 0.0,
+                                          "head.dense.batch_size": 128, "head.dense.learning_rate": 0.01}))
+        if head_type == "logreg":
+            head, _ = fit_logreg(fs, fs, 2, params)
+        else:
+            with open_features(tmp_path / "f.h5") as ff:
+                head, _ = fit_dense(ff, ff, 2, params)
+        pred = head.predict(x, verbose=0).argmax(1)
+        recall[cw] = float((pred[y == 1] == 1).mean())
+    assert recall["balanced"] > recall["none"] + 0.2, recall
