@@ -142,6 +142,44 @@ def pipeline_until_head(tmp_path: Path, per_class: int = 12, **overrides) -> tup
     return raw, out, feats, params
 
 
+# --- Fine-tuning's activations without a backbone: a stand-in frozen bottom on tiny images ---
+
+ACTIVATION_SHAPE = (2, 2, 3)
+
+
+class StandInBottom:
+    """A frozen bottom for fine-tuning tests: uint8 ``(B, S, S, 3)`` → ``(B, 2, 2, 3)`` float32 block means, a
+    pure function of each image, built on demand like the real engine; counts builds and images seen."""
+
+    def __init__(self) -> None:
+        self.builds = 0
+        self.images = 0
+
+    @staticmethod
+    def compute(batch: np.ndarray) -> np.ndarray:
+        b, s = batch.shape[0], batch.shape[1]
+        return batch.astype(np.float32).reshape(b, 2, s // 2, 2, s // 2, 3).mean((2, 4)) / 255.0 - 0.5
+
+    def make_infer(self):
+        self.builds += 1
+
+        def infer(batch: np.ndarray) -> np.ndarray:
+            self.images += len(batch)
+            return self.compute(batch)
+
+        return infer
+
+
+def stand_in_activations(cache_root: Path, bottom: StandInBottom, size: int = 16, batch_size: int = 4,
+                         seed: int = 0, augment=None):
+    """:class:`pipeline.finetuning.activations.Activations` over ``bottom``, cached under ``cache_root``."""
+    from pipeline.core.params import AugmentParams
+    from pipeline.finetuning.activations import ActivationCache, Activations
+
+    cache = ActivationCache(cache_root, "key", {"bottom": "stand-in"}, ACTIVATION_SHAPE)
+    return Activations(cache, bottom.make_infer, augment or AugmentParams(), seed, size, batch_size)
+
+
 def shared_dataset(name: str) -> Path:
     path = SHARED / name
     if not path.is_dir():
@@ -153,6 +191,15 @@ def shared_dataset(name: str) -> Path:
 @pytest.fixture
 def tiny_images(tmp_path: Path) -> Path:
     return make_images(tmp_path / "raw")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by marker
+def pytest_collection_modifyitems(config, items):
+    """A test that uses the tiny DVC project (directly or through another fixture) waits for a whole ``dvc repro``:
+    it is slow, whether its file says so or not."""
+    for item in items:
+        if "tiny_dvc_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 # --- A tiny DVC project that has run the whole pipeline (predict, export, plots, CI remote tests) ---

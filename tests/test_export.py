@@ -1,20 +1,23 @@
-"""The serving export (stage ``export``), loaded in a fresh process that cannot import this project."""
+"""The serving export (stage ``export``), loaded in a fresh process that cannot import this project; every format
+carries the model's temperature."""
 import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import keras
 import numpy as np
+import onnxruntime as ort
 import pytest
 from PIL import Image
 
+from pipeline import export
 from pipeline.core.io import sha256_file
 from pipeline.core.manifest import read_manifest
 from pipeline.data.images import load_image
-from pipeline.models.heads import load_model
-
-pytestmark = pytest.mark.slow
+from pipeline.models.calibration import apply_temperature
+from pipeline.models.heads import load_model, save_model, with_temperature
 
 # Runs with `python -I` in an empty folder: only TensorFlow, no `pipeline` package, no Keras model code.
 SERVE = r"""
@@ -52,6 +55,7 @@ def _serve(export_dir: Path, work: Path, batches: dict[str, np.ndarray]) -> dict
     return {name: out[f"{name}.npy"] for name in batches}
 
 
+@pytest.mark.slow  # the tiny DVC project: a whole dvc repro
 def test_export_serves_raw_pixels_like_the_keras_model(tiny_dvc_project: Path, tmp_path: Path):
     proj = tiny_dvc_project
     export_dir = proj / "models" / "serving"
@@ -89,6 +93,7 @@ def test_export_serves_raw_pixels_like_the_keras_model(tiny_dvc_project: Path, t
     assert np.mean(resized.argmax(1) == keras_probs.argmax(1)) >= 0.9
 
 
+@pytest.mark.slow  # the tiny DVC project: a whole dvc repro
 def test_export_stage_refuses_the_feature_head(tiny_dvc_project: Path, tmp_path: Path):
     from pipeline.export import run
 
@@ -130,6 +135,7 @@ for name in sys.argv[3:]:
 EXPORT_TOLERANCE = 1e-5
 
 
+@pytest.mark.slow  # the tiny DVC project: a whole dvc repro
 def test_onnx_and_tflite_files_give_the_keras_models_probabilities(tiny_dvc_project: Path, tmp_path: Path):
     proj = tiny_dvc_project
     meta = json.loads((proj / "models" / "serving.json").read_text())
@@ -162,6 +168,7 @@ def test_onnx_and_tflite_files_give_the_keras_models_probabilities(tiny_dvc_proj
         assert np.max(np.abs(np.load(tmp_path / f"{fmt}_one.npy") - keras_probs[:1])) <= EXPORT_TOLERANCE, fmt
 
 
+@pytest.mark.slow  # the tiny DVC project: a whole dvc repro
 def test_tflite_is_still_checked_without_litert(tiny_dvc_project: Path):
     """Without the optional LiteRT tier the export's reload check runs the .tflite file on TensorFlow's
     own interpreter (and says so), rather than leaving it unchecked."""
@@ -175,3 +182,33 @@ def test_tflite_is_still_checked_without_litert(tiny_dvc_project: Path):
     assert runtime.startswith("tensorflow.lite ") and "ai-edge-litert not installed" in runtime
     expected = np.asarray(model.predict_on_batch(x.astype(np.float32)))
     assert probs.shape == expected.shape and np.max(np.abs(probs - expected)) <= EXPORT_TOLERANCE
+
+
+def test_every_export_format_gives_the_calibrated_probabilities(tmp_path):
+    """SavedModel, ONNX and TFLite, each reloaded in a fresh process, carry the temperature."""
+    size, t = 32, 3.0
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((size, size, 3), name="image")
+    x = keras.layers.Conv2D(4, 3, strides=4)(keras.layers.Rescaling(1 / 255)(inputs))
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    probs = keras.layers.Dense(3, activation="softmax", kernel_initializer=keras.initializers.RandomNormal(0, 3))(x)
+    uncal = keras.Model(inputs, probs)
+    save_model(with_temperature(uncal, t), tmp_path / "model.keras",
+               {"kind": "finetuned", "class_names": ["a", "b", "c"], "provenance": {"image_size": size},
+                "temperature": t})
+    info = export.run(model_path=tmp_path / "model.keras", out_dir=tmp_path / "serving", meta_out=tmp_path / "s.json",
+                      onnx_out=tmp_path / "m.onnx", tflite_out=tmp_path / "m.tflite")
+    assert info["temperature"] == t
+    pixels = np.random.default_rng(5).integers(0, 256, (6, size, size, 3), dtype=np.uint8)
+    plain = uncal.predict_on_batch(pixels.astype(np.float32))
+    want = apply_temperature(plain, t)
+    assert np.max(np.abs(want - plain)) > 0.02
+    got = {fmt: export.reload_probabilities(fmt, tmp_path / f"m.{fmt}", pixels)[0] for fmt in ("onnx", "tflite")}
+    import tensorflow as tf
+
+    served = tf.saved_model.load(str(tmp_path / "serving")).signatures["serving_default"](images=tf.constant(pixels))
+    got["savedmodel"] = served["probabilities"].numpy()
+    for fmt, p in got.items():
+        np.testing.assert_allclose(p, want, atol=1e-5, err_msg=fmt)
+    # The ONNX file holds the temperature as a graph constant, not an input.
+    assert [i.name for i in ort.InferenceSession(str(tmp_path / "m.onnx")).get_inputs()] == ["images"]

@@ -30,7 +30,6 @@ from pipeline.backbones.build import feature_provenance
 from pipeline.backbones.registry import BackboneError
 from pipeline.core.manifest import SPLITS
 from pipeline.extraction.features import ProvenanceError, read_features
-from pipeline.finetuning.checkpoint import TrainState, restore_checkpoint, save_checkpoint
 from pipeline.models.heads import load_model
 
 # Runs a stage's main() with a slow decoder: every decode touches $FAULT_MARKER, then sleeps.
@@ -154,6 +153,7 @@ def _visible(folder: Path) -> set[str]:
 
 # --- kill -9 -------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # the project fixture: the pipeline, a 2-epoch fine-tune and one killed in a subprocess
 def test_kill_during_extract_leaves_the_previous_features_or_none(project, tmp_path):
     # A complete previous version of two splits; the third was never extracted.
     for s in ("train", "val"):
@@ -180,6 +180,7 @@ def test_kill_during_extract_leaves_the_previous_features_or_none(project, tmp_p
         assert fs.attrs["pooling"] == "max" and len(fs.paths) == len(read_features(project.feats[s]).paths)
 
 
+@pytest.mark.slow  # the project fixture: the pipeline, a 2-epoch fine-tune and one killed in a subprocess
 def test_kill_during_finetune_then_resume_equals_an_uninterrupted_run(project, tmp_path, caplog):
     # Killed after epoch 1 of 2 (see Project), while the reference ran uninterrupted.
     project.killed_finetune.wait_killed()
@@ -189,7 +190,7 @@ def test_kill_during_finetune_then_resume_equals_an_uninterrupted_run(project, t
     with h5py.File(ckpt, "r") as h5:
         assert json.loads(h5.attrs["state"])["epoch"] == 1
 
-    with caplog.at_level(logging.INFO, logger="pipeline.finetune"):
+    with caplog.at_level(logging.INFO, logger="pipeline.finetuning.trainer"):  # which logs the resume
         resumed = project.finetune(killed, checkpoint=ckpt)
     assert f"resuming from {ckpt} after epoch 1" in caplog.text
     uninterrupted = project.ref_metrics
@@ -212,6 +213,7 @@ def test_kill_during_finetune_then_resume_equals_an_uninterrupted_run(project, t
         np.testing.assert_array_equal(wa, wb)
 
 
+@pytest.mark.slow  # the project fixture: the pipeline, a 2-epoch fine-tune and one killed in a subprocess
 def test_kill_during_evaluate_leaves_no_report(project, tmp_path):
     out = tmp_path / "reports"
     args = ["--raw-dir", str(project.raw), "--classes", str(project.classes), "--test-features",
@@ -247,6 +249,7 @@ class _FileSizeLimit:
         resource.setrlimit(resource.RLIMIT_FSIZE, self.old)
 
 
+@pytest.mark.slow  # the project fixture: the pipeline, a 2-epoch fine-tune and one killed in a subprocess
 def test_disk_full_while_saving_a_model_keeps_the_previous_model(project, tmp_path):
     dense = as_params(tiny_params(str(project.raw), **{"head.type": "dense", "head.dense.epochs": 2}))
     head = tmp_path / "head.keras"
@@ -269,6 +272,7 @@ def test_disk_full_while_saving_a_model_keeps_the_previous_model(project, tmp_pa
     assert load_model(head)[1]["head_type"] == "dense"
 
 
+@pytest.mark.slow  # the project fixture: the pipeline, a 2-epoch fine-tune and one killed in a subprocess
 def test_disk_full_while_writing_features_keeps_the_previous_features(project, tmp_path):
     outs = {s: tmp_path / f"{s}.h5" for s in SPLITS}
     for s, out in outs.items():
@@ -286,6 +290,7 @@ def test_disk_full_while_writing_features_keeps_the_previous_features(project, t
         np.testing.assert_array_equal(read_features(out).features, read_features(project.feats[s]).features)
 
 
+@pytest.mark.slow  # the project fixture: the pipeline, a 2-epoch fine-tune and one killed in a subprocess
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; run the suite as a user")
 def test_read_only_output_folder_fails_cleanly(project, tmp_path):
     out = tmp_path / "ro"
@@ -318,6 +323,7 @@ def test_output_folder_that_is_a_file_fails_cleanly(tmp_path):
 
 # --- stale or foreign artifacts ------------------------------------------------------------------------
 
+@pytest.mark.slow  # the project fixture: the pipeline, a 2-epoch fine-tune and one killed in a subprocess
 def test_features_from_other_params_are_refused_naming_the_difference(project, tmp_path):
     other = as_params(tiny_params(str(project.raw), **{"backbone.pooling": "max"}))
     with pytest.raises(ProvenanceError, match=r"pooling: artifact has 'avg', params give 'max'.*dvc repro"):
@@ -330,24 +336,7 @@ def test_features_from_other_params_are_refused_naming_the_difference(project, t
     assert _visible(tmp_path) == set()
 
 
-def test_incomplete_feature_file_is_refused(project, tmp_path):
-    f = tmp_path / "val.h5"
-    shutil.copy(project.feats["val"], f)
-    with h5py.File(f, "a") as h5:
-        h5.attrs["complete"] = False
-    with pytest.raises(ProvenanceError, match="incomplete feature file"):
-        read_features(f)
-
-
-def test_truncated_feature_file_names_the_file_and_the_fix(project, tmp_path):
-    f = tmp_path / "val.h5"
-    data = project.feats["val"].read_bytes()
-    f.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ProvenanceError) as exc:
-        read_features(f)
-    assert str(f) in str(exc.value) and "extract" in str(exc.value)
-
-
+@pytest.mark.slow  # the project fixture: the pipeline, a 2-epoch fine-tune and one killed in a subprocess
 def test_head_trained_for_another_class_list_is_refused(project, tmp_path):
     other = tmp_path / "classes.json"
     doc = json.loads(project.classes.read_text())
@@ -361,38 +350,7 @@ def test_head_trained_for_another_class_list_is_refused(project, tmp_path):
     assert _visible(tmp_path) == {"classes.json"}
 
 
-def test_a_model_file_swapped_under_its_sidecar_is_refused(project, tmp_path):
-    shutil.copy(project.model, tmp_path / "head.keras")  # another model under the head's sidecar
-    shutil.copy(project.head.with_suffix(".json"), tmp_path / "head.json")
-    with pytest.raises(ValueError, match="does not describe"):
-        load_model(tmp_path / "head.keras")
-    # A consistent pair from a run with another backbone: refused by provenance.
-    other = as_params(tiny_params(**{"backbone.name": "mobilenet_v2", "backbone.weights": "none"}))
-    expected = feature_provenance(other.backbone, ["circle", "square", "stripes"])
-    with pytest.raises(ProvenanceError,
-                       match="backbone: artifact has 'efficientnet_lite0', params give 'mobilenet_v2'"):
-        load_model(project.head, expected)
-
-
-def test_weights_files_of_the_wrong_architecture_are_refused(tmp_path):
-    from pipeline.backbones.build import build_backbone
-    from pipeline.core.params import parse_params
-
-    empty = tmp_path / "empty.weights.h5"
-    empty.write_bytes(b"")
-    with pytest.raises(BackboneError, match=r"empty.weights.h5 does not fit mobilenet_v2 at 64px"):
-        build_backbone(parse_params({"backbone": {"name": "mobilenet_v2", "weights": str(empty),
-                                                  "image_size": 64}}).backbone)
-    import keras
-
-    keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(64, 64, 3)).save_weights(
-        tmp_path / "mnv2.weights.h5")
-    with pytest.raises(BackboneError, match=r"backbone.weights: .*mnv2.weights.h5 is not usable for "
-                                            r"efficientnet_lite0 .*needs an EfficientNet-Lite0 PyTorch checkpoint"):
-        build_backbone(parse_params({"backbone": {"weights": str(tmp_path / "mnv2.weights.h5"),
-                                                  "image_size": 64}}).backbone)
-
-
+@pytest.mark.slow  # the project fixture: the pipeline, a 2-epoch fine-tune and one killed in a subprocess
 def test_unknown_unfreeze_layer_fails_before_any_training(project, tmp_path):
     bad = as_params(tiny_params(str(project.raw), **{"finetune.unfreeze_from": "block9z_nope"}))
     with pytest.raises(BackboneError, match=r"finetune.unfreeze_from: 'block9z_nope' is not a layer of "
@@ -402,110 +360,3 @@ def test_unknown_unfreeze_layer_fails_before_any_training(project, tmp_path):
 
 
 # --- the checkpoint itself -----------------------------------------------------------------------------
-
-def _tiny_model(seed: int):
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((4,))
-    x = keras.layers.Dropout(0.2, seed=seed)(keras.layers.Dense(8, activation="relu")(inputs))
-    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
-    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="sparse_categorical_crossentropy")
-    return model
-
-
-def test_checkpoint_round_trip_and_refusals(tmp_path, caplog):
-    x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
-    y = (x[:, 0] > 0).astype("int64")
-    a = _tiny_model(1)
-    initial = a.get_weights()
-    a.fit(x, y, epochs=2, verbose=0)
-    state = TrainState(epoch=2, rows=[[0, "", "", 1.0, 0.5], [1, 0.9, 0.6, 0.8, 0.6], [2, 0.7, 0.7, 0.9, 0.6]],
-                       best_loss=0.8, best_epoch=1, wait=1, best_weights=[w * 0 + 1 for w in initial])
-    ckpt = tmp_path / "ckpt.h5"
-    save_checkpoint(ckpt, "fp-A", state, a)
-
-    b = _tiny_model(2)
-    got = restore_checkpoint(ckpt, "fp-A", b, b.get_weights(), max_epochs=5)
-    assert (got.epoch, got.best_epoch, got.wait, got.rows) == (2, 1, 1, state.rows)
-    for va, vb in zip(a.variables + a.optimizer.variables, b.variables + b.optimizer.variables):
-        np.testing.assert_array_equal(np.asarray(va), np.asarray(vb), err_msg=va.path)  # incl. dropout seed state
-    assert all((w == 1).all() for w in got.best_weights)
-    # Continuing training from the restored model equals continuing the original.
-    a.fit(x, y, epochs=1, verbose=0, shuffle=False)
-    b.fit(x, y, epochs=1, verbose=0, shuffle=False)
-    for wa, wb in zip(a.get_weights(), b.get_weights()):
-        np.testing.assert_array_equal(wa, wb)
-
-    c = _tiny_model(3)
-    untouched = [w.copy() for w in c.get_weights()]
-    with caplog.at_level(logging.INFO, logger="pipeline.finetuning.checkpoint"):
-        assert restore_checkpoint(ckpt, "fp-B", c, untouched, max_epochs=5) is None
-        assert "belongs to another run" in caplog.text
-        assert restore_checkpoint(ckpt, "fp-A", c, untouched, max_epochs=1) is None
-        assert "beyond finetune.epochs = 1" in caplog.text
-        ckpt.write_bytes(b"garbage, not HDF5")
-        assert restore_checkpoint(ckpt, "fp-A", c, untouched, max_epochs=5) is None
-        assert "cannot resume from" in caplog.text
-    for w, u in zip(c.get_weights(), untouched):
-        np.testing.assert_array_equal(w, u)
-
-
-def _ema_model(seed: int):
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((4,))
-    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(keras.layers.Dense(8, "relu")(inputs)))
-    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9, use_ema=True, ema_momentum=0.9),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    return model
-
-
-def test_ema_tracker_measures_and_keeps_the_average_and_resumes_bit_exact(tmp_path):
-    # finetune.ema: val is measured on the optimizer's moving average, the kept epoch is the average, the
-    # trained weights go on untouched, and a run resumed from the checkpoint equals an uninterrupted one.
-    from pipeline.finetuning.tracker import Tracker
-
-    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
-    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype("int64")
-    import tensorflow as tf
-
-    val = tf.data.Dataset.from_tensor_slices((x[:16], y[:16])).batch(16)  # as finetune's val dataset
-
-    def start(seed):
-        model = _ema_model(seed)
-        loss, acc = model.evaluate(val, verbose=0)
-        return model, TrainState(epoch=0, rows=[[0, "", "", loss, acc]], best_loss=float("inf"),
-                                 best_weights=model.get_weights())
-
-    def fit(model, state, ckpt, first, last):
-        tracker = Tracker(state, patience=5, checkpoint=ckpt, fp="fp", ema_val=val)
-        model.fit(x, y, batch_size=16, initial_epoch=first, epochs=last, verbose=0, shuffle=False, callbacks=[tracker])
-        return tracker.state
-
-    ref, ref_state = start(1)
-    ref_state = fit(ref, ref_state, tmp_path / "ref.h5", 0, 3)
-    assert ref_state.best_epoch == 3  # a separable toy: every epoch improves
-    average = [np.asarray(a) for a in ref.optimizer._model_variables_moving_average]
-    for w, a in zip(ref_state.best_weights, average):  # the kept weights are the average...
-        np.testing.assert_array_equal(w, a)
-    with h5py.File(tmp_path / "ref.h5", "r") as h5:  # ...while the checkpoint's model holds the trained ones
-        trained = [h5["model"][str(i)][...] for i in range(len(average))]
-        best = [h5["best"][str(i)][...] for i in range(len(average))]
-    assert max(float(np.max(np.abs(a - t))) for a, t in zip(average, trained)) > 1e-3
-    for b, a in zip(best, average):
-        np.testing.assert_array_equal(b, a)
-    # The logged val loss is the average's.
-    assert ref_state.rows[-1][3] == pytest.approx(ref.evaluate(val, verbose=0)[0], abs=1e-6)
-
-    # Interrupted after epoch 2, resumed into a fresh model: the same rows, state and best weights, bit for bit.
-    part, part_state = start(1)
-    fit(part, part_state, tmp_path / "part.h5", 0, 2)
-    fresh, fresh_state = start(7)
-    restored = restore_checkpoint(tmp_path / "part.h5", "fp", fresh, fresh_state.best_weights, max_epochs=3)
-    assert restored is not None and restored.epoch == 2 and restored.best_epoch == 2
-    restored = fit(fresh, restored, tmp_path / "part.h5", 2, 3)
-    assert restored.rows == ref_state.rows
-    for a, b in zip(restored.best_weights, ref_state.best_weights):
-        np.testing.assert_array_equal(a, b)

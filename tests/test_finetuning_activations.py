@@ -1,19 +1,19 @@
-"""Fine-tuning's data path: the frozen bottom run once per view, the top trained on stored activations.
-
-The activations the top trains on must be what the full model computes at the boundary (to the
-float16 storage), the views must be extract's views (the head was fitted on them), the top must
-continue the stacked model exactly, and a run from a warm activation cache must equal a cold one.
-"""
+"""The frozen bottom's activations (pipeline/finetuning/activations.py): stored as row-scaled float16 under the
+chunk protocol, read back within float16's precision, each (image, view) computed once and the engine built only
+when something is missing; on a real backbone, what the full model computes at the boundary, and a view is the
+bottom on the image augmented by its own key (fine-tuning's views, not extract's)."""
 from __future__ import annotations
 
+import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
+from conftest import ACTIVATION_SHAPE, StandInBottom, make_images, pipeline_until_head, stand_in_activations
 
-from pipeline import finetune
 from pipeline.backbones.build import (
     Preprocess,
     backbone_provenance,
@@ -21,25 +21,125 @@ from pipeline.backbones.build import (
     get_base,
     resolve_unfreeze_from,
 )
-from pipeline.backbones.registry import BackboneError, image_size
-from pipeline.core.io import file_digests, library_versions, read_json
+from pipeline.backbones.registry import image_size
+from pipeline.core.chunks import MAX_MAPPED_CHUNKS
+from pipeline.core.io import file_digests, library_versions
 from pipeline.core.manifest import read_manifest
+from pipeline.core.params import AugmentParams
 from pipeline.data.augment import augment_uint8, finetune_views, view_key
 from pipeline.data.images import load_batch
-from pipeline.finetuning.activations import ActivationCache, Activations, bottom_engine, cache_key
+from pipeline.finetuning import activations
+from pipeline.finetuning.activations import ActivationCache, Activations, bottom_engine, cache_key, entry
 from pipeline.finetuning.cut import cut_at
-from pipeline.finetuning.parity import CUT_TOLERANCE
 from pipeline.finetuning.recipe import fold_bn_scale, unfreeze_from
 from pipeline.finetuning.stream import epoch_view
 from pipeline.models.heads import build_stacked, load_model
 from pipeline.runtime.engines import compile_engine
-from tests.conftest import pipeline_until_head
 
-# float16 keeps 11 significant bits: relative rounding <= 2^-11 ≈ 4.9e-4; ONNX Runtime vs TensorFlow
-# adds ~1e-5 absolute (features within 1e-5, README "Inference engines").
+FLOAT16_REL = 2.0 ** -11  # float16's relative rounding
+
+
+def _keys(n: int, tag: int = 0) -> list[bytes]:
+    return [bytes([tag, i]) * 16 for i in range(n)]
+
+
+def test_rows_are_stored_as_row_scaled_float16_and_read_back_within_its_precision(tmp_path):
+    rng = np.random.default_rng(0)
+    magnitudes = [1e-8, 1.0, 3e5, 0.0, 70.0]  # below float16's normal range, ordinary, above its 65504 maximum
+    acts = np.stack([rng.normal(size=ACTIVATION_SHAPE) * m for m in magnitudes]).astype(np.float32)
+    cache = ActivationCache(tmp_path, "key", {"k": 1}, ACTIVATION_SHAPE)
+    cache.add(_keys(5), acts)
+    (stored,) = cache.dir.glob("*.acts.npy")
+    (scale,) = cache.dir.glob("*.scale.npy")
+    assert np.load(stored).dtype == np.float16 and np.abs(np.load(stored)).max() <= 1.0
+    assert np.load(scale).dtype == np.float32  # half the bytes of float32, a float32 scale per row
+    got = cache.get_many(_keys(5)[::-1])[::-1]
+    assert got.dtype == np.float32 and got.shape == (5, *ACTIVATION_SHAPE)
+    for row, want in zip(got, acts):
+        bound = FLOAT16_REL * np.abs(want).max()
+        assert np.abs(row - want).max() <= bound, (np.abs(want).max(), np.abs(row - want).max())
+    np.testing.assert_array_equal(got[3], 0.0)
+
+
+def test_each_add_is_one_committed_chunk_that_any_reader_of_the_folder_finds(tmp_path):
+    a = ActivationCache(tmp_path, "key", {"k": 1}, ACTIVATION_SHAPE)
+    b = ActivationCache(tmp_path, "key", {"k": 2}, ACTIVATION_SHAPE)  # a second run, opened before a wrote
+    a.add(_keys(3, 1), np.ones((3, *ACTIVATION_SHAPE), np.float32))
+    b.add(_keys(2, 2), np.full((2, *ACTIVATION_SHAPE), 2.0, np.float32))
+    assert len(list(a.dir.glob("*.keys.npy"))) == 2 and (a.dir / "meta.json").read_text().count('"k": 1') == 1
+    assert _keys(2, 2)[0] not in a
+    a.refresh()
+    assert len(a) == 5 and len(ActivationCache(tmp_path, "key", {}, ACTIVATION_SHAPE)) == 5
+    np.testing.assert_array_equal(a.get_many(_keys(2, 2)), 2.0)
+    assert a.get_many([]).shape == (0, *ACTIVATION_SHAPE)
+    with pytest.raises(KeyError, match="2 of 3 keys are not in the cache"):
+        a.get_many([_keys(3, 1)[0], *_keys(2, 9)])
+    with pytest.raises(ValueError, match=r"activations of shape \(2, 2, 4\) for a cache of \(2, 2, 3\)"):
+        a.add(_keys(1, 3), np.ones((1, 2, 2, 4), np.float32))
+
+
+def test_reads_across_many_chunks_keep_few_mapped(tmp_path):
+    cache = ActivationCache(tmp_path, "key", {}, ACTIVATION_SHAPE)
+    for c in range(MAX_MAPPED_CHUNKS + 4):
+        cache.add(_keys(2, c), np.full((2, *ACTIVATION_SHAPE), c, np.float32))
+    for c in range(MAX_MAPPED_CHUNKS + 4):
+        np.testing.assert_array_equal(cache.get_many(_keys(2, c)), c)
+        with open(f"/proc/{os.getpid()}/maps") as fh:
+            mapped = {line.split()[-1] for line in fh if str(cache.dir) in line}
+        assert len(mapped) <= 2 * MAX_MAPPED_CHUNKS, sorted(mapped)  # acts + scale per chunk
+
+
+@pytest.fixture
+def images(tmp_path):
+    raw = make_images(tmp_path / "raw", per_class=3, size=20)
+    paths = sorted(str(p) for p in raw.rglob("*.png"))
+    shutil.copy(paths[0], tmp_path / "raw" / "copy.png")  # the same image under another name
+    return [*paths, str(tmp_path / "raw" / "copy.png")]
+
+
+def test_ensure_computes_each_image_once_per_view_and_builds_the_engine_only_when_needed(tmp_path, images,
+                                                                                         monkeypatch):
+    monkeypatch.setattr(activations, "CHUNK", 3)
+    digests = file_digests(images)
+    bottom = StandInBottom()
+    acts = stand_in_activations(tmp_path / "cache", bottom)
+    assert acts.ensure(images, digests, None) == 9 and bottom.images == 9  # 10 paths, 9 distinct images
+    assert len(list(acts.cache.dir.glob("*.keys.npy"))) == 3  # batches of 4, 4, 1 → chunks at 4, 4 and the rest
+    assert acts.ensure(images, digests, None) == 0 and bottom.images == 9
+    assert acts.ensure(images[:5], digests[:5], 1) == 5 and acts.ensure(images, digests, 1) == 4
+    assert bottom.builds == 1 and bottom.images == 18 and acts.computed == 18
+    # Another run on the warm cache converts no model and computes nothing.
+    warm_bottom = StandInBottom()
+    warm = stand_in_activations(tmp_path / "cache", warm_bottom)
+    assert warm.ensure(images, digests, None) == 0 and warm.ensure(images, digests, 1) == 0
+    assert warm_bottom.builds == 0
+    np.testing.assert_array_equal(warm.cache.get_many(warm.keys(digests, None)),
+                                  acts.cache.get_many(acts.keys(digests, None)))
+
+
+def test_a_view_is_the_bottom_on_the_image_augmented_by_its_key(tmp_path, images):
+    digests = file_digests(images)
+    acts = stand_in_activations(tmp_path / "cache", StandInBottom(), seed=5)
+    acts.ensure(images, digests, None)
+    acts.ensure(images, digests, 2)
+    clean, view = acts.cache.get_many(acts.keys(digests, None)), acts.cache.get_many(acts.keys(digests, 2))
+    pixels = load_batch(images, 16)
+    want = StandInBottom.compute(augment_uint8(pixels, acts.augment, [view_key(d, 2, finetune_views(5))
+                                                                      for d in digests]))
+    np.testing.assert_allclose(view, want, rtol=0, atol=FLOAT16_REL)
+    np.testing.assert_allclose(clean, StandInBottom.compute(pixels), rtol=0, atol=FLOAT16_REL)
+    assert np.abs(view - clean).max() > 0.01
+    # An entry is keyed by content and view; a view also by the seed and the augment params.
+    d = digests[0]
+    other = AugmentParams(rotation=0.0)
+    assert entry(d, None, acts.augment, 5) == entry(d, None, other, 1) == entry(digests[-1], None, other, 1)
+    assert len({entry(d, None, acts.augment, 5), entry(d, 0, acts.augment, 5), entry(d, 2, acts.augment, 5),
+                entry(d, 2, acts.augment, 6), entry(d, 2, other, 5), entry(digests[1], 2, acts.augment, 5)}) == 6
+
+
+# On a real backbone: float16 keeps 11 significant bits (relative rounding <= 2^-11 ≈ 4.9e-4); ONNX Runtime vs
+# TensorFlow adds ~1e-5 absolute (features within 1e-5, README "Inference engines").
 REL_TOL, ABS_TOL = 1e-3, 1e-3
-
-
 
 
 def test_stored_activations_are_the_full_models_boundary_and_extracts_views(tmp_path):
@@ -92,48 +192,3 @@ def test_stored_activations_are_the_full_models_boundary_and_extracts_views(tmp_
     # Fine-tuning's views are not extract's (the head was fitted on those): every key differs.
     assert all(k != view_key(d, 0) for k, d in zip(keys, digests))
     assert epoch_view(0, params.finetune.views) == 0 == epoch_view(params.finetune.views, params.finetune.views)
-
-
-def test_a_run_from_a_warm_activation_cache_equals_a_cold_one(tmp_path):
-    raw, out, feats, params = pipeline_until_head(tmp_path, **{"finetune.epochs": 3, "finetune.views": 2,
-                                                    "finetune.patience": 5})
-    cache = tmp_path / "acts"
-
-    def tune(name: str) -> dict:
-        return finetune.run(raw_dir=raw, manifest=out / "manifest.csv", classes_json=out / "classes.json",
-                            val_features=feats["val"], head_path=out / "head.keras",
-                            model_out=out / f"{name}.keras", history_out=out / f"{name}.csv",
-                            metrics_out=out / f"{name}_metrics.json", params=params, activation_cache=cache)
-
-    cold = tune("cold")
-    n_train = len(read_manifest(out / "manifest.csv", splits=("train",)))
-    n_val = len(read_manifest(out / "manifest.csv", splits=("val",)))
-    # 3 epochs cycle 2 views: the bottom ran over 2 views of every train image and the clean val images.
-    assert cold["bottom_images_computed"] == 2 * n_train + n_val
-    assert cold["split_parity_max_abs_diff"] <= CUT_TOLERANCE
-    warm = tune("warm")
-    assert warm["bottom_images_computed"] == 0
-    assert (out / "warm.csv").read_text() == (out / "cold.csv").read_text()
-    a, _ = load_model(out / "cold.keras")
-    b, _ = load_model(out / "warm.keras")
-    for x, y in zip(a.get_weights(), b.get_weights()):
-        np.testing.assert_array_equal(x, y)
-    # The saved model is the full backbone + head, as the stacked model always was.
-    assert [layer.name for layer in a.layers] == [layer.name for layer in b.layers]
-    assert get_base(a).get_layer(resolve_unfreeze_from(params.finetune.unfreeze_from, params.backbone.name)) is not None
-    assert read_json(out / "cold.json")["best_epoch"] == cold["best_epoch"]
-
-
-def test_a_cut_that_a_skip_connection_crosses_is_refused():
-    inp = keras.Input((8, 8, 3))
-    a = keras.layers.Conv2D(4, 1, name="a")(inp)
-    b = keras.layers.Conv2D(4, 1, name="b")(a)
-    c = keras.layers.Add(name="c")([a, keras.layers.Conv2D(4, 1, name="d")(b)])
-    base = keras.Model(inp, c, name="base")
-    image = keras.Input((8, 8, 3))
-    x = Preprocess("tf", name="preprocess")(image)
-    backbone = keras.Model(image, keras.layers.GlobalAveragePooling2D(name="avg_pool")(base(x)))
-    head = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
-    cut_at(backbone, head, "b")  # only a crosses: fine
-    with pytest.raises(BackboneError, match="skip connection"):
-        cut_at(backbone, head, "d")  # a and b cross

@@ -1,21 +1,15 @@
-"""No silent minutes: the steps that grow with the image count show a tqdm bar on stderr."""
+"""What a fine-tune shows while it runs (pipeline/finetuning/progress.py): a bar of each epoch's batches on a
+terminal only, and dvclive's steps: epoch 0 the head-only model, then one per epoch, a resumed run's restored
+epochs logged again."""
 from __future__ import annotations
+
+import csv
 
 import keras
 import numpy as np
 import pytest
-from conftest import make_images
 
-from pipeline.core.io import file_digests, sha256_digest
-from pipeline.finetuning.progress import BatchProgress
-
-
-def test_hashing_images_before_extract_shows_a_bar(tmp_path, capfd):
-    raw = make_images(tmp_path / "raw", per_class=3)
-    paths = sorted(str(p) for p in raw.rglob("*.png"))
-    assert file_digests(paths) == [sha256_digest(p) for p in paths]
-    err = capfd.readouterr().err
-    assert "hash images" in err and "9/9" in err
+from pipeline.finetuning.progress import BatchProgress, live_callbacks, log_history, start_live
 
 
 @pytest.mark.parametrize("enabled", [True, False])
@@ -29,3 +23,19 @@ def test_fine_tune_epochs_show_their_batches_on_a_terminal_only(capfd, enabled):
     for epoch in (1, 2):
         assert (f"fine-tune epoch {epoch}/2" in err) == enabled, err
     assert progress.bar is None  # closed at the end of each epoch
+
+
+def _series(live_dir, name: str) -> list[tuple[int, float]]:
+    with open(live_dir / "plots" / "metrics" / f"{name}.tsv", newline="") as fh:
+        return [(int(r["step"]), float(r[name.split("/")[-1]])) for r in csv.DictReader(fh, delimiter="\t")]
+
+
+def test_dvclive_has_the_head_only_model_at_step_0_and_restored_epochs_after_it(tmp_path):
+    live = start_live(tmp_path / "live", 0.9, 0.5)
+    log_history(live, [[1, 0.8, 0.6, 0.7, 0.65], [2, 0.6, 0.7, 0.75, 0.6]])  # what a resumed run restored
+    live.end()
+    assert _series(tmp_path / "live", "eval/loss") == [(0, 0.9), (1, 0.7), (2, 0.75)]
+    assert _series(tmp_path / "live", "eval/accuracy") == [(0, 0.5), (1, 0.65), (2, 0.6)]
+    assert _series(tmp_path / "live", "train/loss") == [(1, 0.8), (2, 0.6)]
+    assert live_callbacks(None) == [] and log_history(None, [[1, 0.1, 0.2, 0.3, 0.4]]) is None
+
