@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 from conftest import ROOT, as_params, make_hostile_folder, tiny_params
 
@@ -22,6 +23,8 @@ from pipeline import evaluate, extract, finetune, prepare, train_head
 from pipeline.core.manifest import SPLITS
 from pipeline.extraction.features import read_features
 from pipeline.models.heads import load_model
+
+pytestmark = pytest.mark.slow  # the whole pipeline twice, one run in a fresh process
 
 PARAMS = {"data.max_rejected_fraction": 0.5, "head.type": "dense", "head.dense.epochs": 5,
           "head.class_weight": "balanced", "finetune.epochs": 0}

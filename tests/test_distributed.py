@@ -11,10 +11,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 from conftest import ROOT, pipeline_until_head, tiny_params
 
 from pipeline.core.manifest import read_manifest
+
+pytestmark = pytest.mark.slow  # two fine-tunes in a child TensorFlow process with 2 logical devices (~1 min)
 
 CHILD = r'''
 import json, sys

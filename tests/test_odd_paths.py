@@ -58,6 +58,7 @@ def project(tmp_path_factory):
     return new_tiny_project(tmp_path_factory.mktemp("odd"))
 
 
+@pytest.mark.slow  # a DVC project per module, `dvc repro prepare` per case
 @pytest.mark.parametrize("name, what", [
     ("cost $HOME", "a dollar sign"),
     ("x $(touch pwned) y", "a dollar sign"),
