@@ -2,7 +2,10 @@
 
 Every stage calls :func:`load_params`; an unknown or misspelt key, a wrong type or an
 out-of-range value raises :class:`ParamsError` naming the key, the bad value and what is
-allowed, before any work starts.
+allowed, before any work starts. Two values depend on the backbone registry, which params does not
+import (core sits below every other package): ``backbone.name`` and a ``backbone.image_size`` below that
+backbone's smallest input are checked by :func:`pipeline.backbones.registry.image_size` when a stage
+resolves the backbone, which each stage that reads ``backbone`` does before its work.
 """
 from __future__ import annotations
 
