@@ -81,15 +81,6 @@ def test_fold_bn_scale_keeps_the_function_and_folds_only_the_unfrozen_convs(back
     assert n_unit == folded
 
 
-def _ema_model(seed: int):
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((4,))
-    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(keras.layers.Dense(8, "relu")(inputs)))
-    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9, use_ema=True, ema_momentum=0.9),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    return model
-
-
 def test_ema_tracker_measures_and_keeps_the_average_and_resumes_bit_exact(tmp_path):
     # finetune.ema: val is measured on the optimizer's moving average, the kept epoch is the average, the
     # trained weights go on untouched, and a run resumed from the checkpoint equals an uninterrupted one.
@@ -98,7 +89,7 @@ def test_ema_tracker_measures_and_keeps_the_average_and_resumes_bit_exact(tmp_pa
     val = tf.data.Dataset.from_tensor_slices((x[:16], y[:16])).batch(16)  # as finetune's val dataset
 
     def start(seed):
-        model = _ema_model(seed)
+        model = _toy(seed, ema=True)
         loss, acc = model.evaluate(val, verbose=0)
         return model, TrainState(epoch=0, rows=[[0, "", "", loss, acc]], best_loss=float("inf"),
                                  best_weights=model.get_weights())
