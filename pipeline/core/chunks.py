@@ -1,11 +1,12 @@
 """The chunk-commit protocol of the on-disk caches: rows keyed by 32-byte digests, appended in chunks.
 
-One folder holds one namespace. A chunk is a set of ``.npy`` files written side by side, one per
-named array (``<id>.<name>.npy``, each ``(M, ...)``), then ``<id>.keys.npy`` ``(M, 32)`` uint8 last:
-the keys file is the commit, so a chunk is visible only once all of its arrays are on disk. Every
-file is written under a temporary name and renamed (:func:`pipeline.core.io.atomic_path`), so a
-kill -9 loses at most the chunk being filled, and chunk ids are unique per writer (time + random
-bits), so several writers (two runs, or the actors of a Ray job) can commit into one folder at once.
+One folder holds one namespace, described by its ``meta.json``. A chunk is a set of ``.npy``
+files written side by side, one per named array (``<id>.<name>.npy``, each ``(M, ...)``), then
+``<id>.keys.npy`` ``(M, 32)`` uint8 last: the keys file is the commit, so a chunk is visible only once
+all of its arrays are on disk. Every file is written under a temporary name and renamed
+(:func:`pipeline.core.io.atomic_path`), so a kill -9 loses at most the chunk being filled, and chunk
+ids are unique per writer (time + random bits), so several writers (two runs, or the actors of a Ray
+job) can commit into one folder at once.
 A chunk whose keys file is malformed, or whose arrays are missing or hold another number of rows,
 is damaged: it is skipped with a warning and its rows are computed again.
 
@@ -25,12 +26,13 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from pipeline.core.io import atomic_path
+from pipeline.core.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
 DIGEST_BYTES = 32
 KEYS = "keys"
+META = "meta.json"
 MAX_MAPPED_CHUNKS = 4
 
 
@@ -58,9 +60,12 @@ def write_chunk(folder: Path, keys: Sequence[bytes], arrays: Mapping[str, np.nda
 class ChunkStore:
     """The committed chunks of one folder, indexed by key; rows of the named ``arrays`` read by key."""
 
-    def __init__(self, folder: Path, arrays: Sequence[str]):
+    def __init__(self, folder: Path, arrays: Sequence[str], meta: Mapping | None = None):
+        """``meta``: what decides the namespace's values, written once as ``folder/meta.json`` (kept when there)."""
         self.dir = Path(folder)
         self.dir.mkdir(parents=True, exist_ok=True)
+        if meta is not None and not (self.dir / META).is_file():
+            write_json(self.dir / META, dict(meta))
         self.arrays = tuple(arrays)
         self._index: dict[bytes, tuple[str, int]] = {}
         self._seen: set[str] = set()

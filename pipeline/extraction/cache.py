@@ -39,9 +39,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from pipeline.core.chunks import ChunkStore, write_chunk
+from pipeline.core.chunks import META, ChunkStore, write_chunk
 from pipeline.core.imports import definition_closure
-from pipeline.core.io import dist_version, write_json
+from pipeline.core.io import dist_version
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def model_key(provenance: dict, engine: dict, libraries: dict | None = None) -> 
 
 def stored_dim(root: Path, key: str) -> int | None:
     """The feature size recorded in namespace ``key`` under ``root``, None when it has none yet."""
-    meta = Path(root) / key / "meta.json"
+    meta = Path(root) / key / META
     if not meta.is_file():
         return None
     try:
@@ -136,13 +136,9 @@ class FeatureCache:
     """Per-image feature vectors of one model key; append-only and crash-safe (:mod:`pipeline.core.chunks`)."""
 
     def __init__(self, root: Path, key: str, desc: dict, dim: int):
-        self.dir = Path(root) / key
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.dim = dim
-        meta = self.dir / "meta.json"
-        if not meta.is_file():
-            write_json(meta, {**desc, "feature_dim": dim})
-        self._store = ChunkStore(self.dir, (FEATURES,))
+        self._store = ChunkStore(Path(root) / key, (FEATURES,), meta={**desc, "feature_dim": dim})
+        self.dir = self._store.dir
 
     def refresh(self) -> int:
         """Index the chunks committed since the last scan (by other writers too); returns how many."""

@@ -36,7 +36,6 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from pipeline.core.chunks import ChunkStore
-from pipeline.core.io import write_json
 from pipeline.core.params import AugmentParams, as_dict
 from pipeline.data.augment import augment_uint8, finetune_views, view_key
 from pipeline.runtime.engines import Engine, engine_version, has_gpu, resolve_engine
@@ -80,13 +79,9 @@ class ActivationCache:
     """Content-addressed (h, w, c) activations under ``root/key``, stored as row-scaled float16; read as float32."""
 
     def __init__(self, root: Path, key: str, desc: dict, shape: Sequence[int]):
-        self.dir = Path(root) / key
-        self.dir.mkdir(parents=True, exist_ok=True)
-        meta = self.dir / "meta.json"
-        if not meta.exists():
-            write_json(meta, desc)
         self.shape = tuple(int(d) for d in shape)
-        self._store = ChunkStore(self.dir, ("acts", "scale"))
+        self._store = ChunkStore(Path(root) / key, ("acts", "scale"), meta=desc)
+        self.dir = self._store.dir
 
     def refresh(self) -> None:
         """Index chunks committed since the last look (by this or another writer)."""
