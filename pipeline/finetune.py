@@ -94,8 +94,10 @@ class Stacked:
     parity_images: np.ndarray
 
 
-def stack_head(params: Params, head_path: Path, val_features: Path, raw_dir: Path, expected: dict) -> Stacked:
-    """Build backbone + trained head and assert the stacking parity on the first val images."""
+def stack_head(params: Params, head_path: Path, val_features: Path, raw_dir: Path, expected: dict,
+               boundary: str) -> Stacked:
+    """Build backbone + trained head and assert the stacking parity on the first val images; with epochs to
+    train, check first that ``boundary`` (``finetune.unfreeze_from`` resolved) is a layer of the backbone."""
     # Fine-tuning starts from the head as it was fitted, not from its calibrated copy: a temperature inside
     # the training graph would scale every gradient into the head and backbone by 1/T, and the stacking
     # parity below is a check of the uncalibrated function. The fine-tuned model gets its own T at the end.
@@ -107,8 +109,7 @@ def stack_head(params: Params, head_path: Path, val_features: Path, raw_dir: Pat
     backbone = build_backbone(params.backbone)
     keras.utils.set_random_seed(params.seed)
     if params.finetune.epochs > 0:  # a bad layer name fails here, before any expensive work
-        unfreeze_start(get_base(backbone), resolve_unfreeze_from(params.finetune.unfreeze_from,
-                                                                 params.backbone.name), params.backbone.name)
+        unfreeze_start(get_base(backbone), boundary, params.backbone.name)
     stacked = build_stacked(backbone, head)
     parity_images = load_batch([str(raw_dir / q) for q in parity_paths], image_size(params.backbone))
     parity_images = parity_images.astype(np.float32)
@@ -139,7 +140,7 @@ def train_data(acts: Activations, raw_dir: Path, train: list[Item], val: list[It
                batch_size: int) -> tuple[TrainData, list[bytes]]:
     """The images' content digests and the top's input: activations on demand, clean val activations now
     → (train data, the digests of ``train + val``)."""
-    train_paths, val_paths = [str(raw_dir / it.path) for it in train], [str(raw_dir / it.path) for it in val]
+    train_paths, val_paths = _paths(raw_dir, train), _paths(raw_dir, val)
     digests = file_digests(train_paths + val_paths)
     val_d = digests[len(train):]
     data = TrainData(acts, train_paths, digests[:len(train)], [index[it.label] for it in train], len(index),
@@ -178,7 +179,7 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path
     train, val = read_manifest(manifest, splits=("train",)), read_manifest(manifest, splits=("val",))
     # Every variable (head, backbone, optimizer) is created under the strategy's scope.
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
-        s = stack_head(params, head_path, val_features, raw_dir, expected)
+        s = stack_head(params, head_path, val_features, raw_dir, expected, boundary)
         # The training stream's steps: whole multiples of the replicas, in global batches.
         steps = math.ceil((len(train) - len(train) % replicas) / (p.batch_size * replicas))
         cut, unfrozen = trainable_top(s, p, boundary, params.backbone.name, steps, replicas) if p.epochs else (None, 0)
