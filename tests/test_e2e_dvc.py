@@ -152,6 +152,27 @@ def test_seed_change_does_not_rerun_extract(tiny_dvc_project, tmp_path):
     assert ran_stages(out) == {"audit", "train_head", "finetune", "evaluate", "export"}, out
 
 
+# One backbone of each family added after the first twelve (the others of a family share its code path and each
+# fine-tunes in test_backbones_registry_entries.py): the pipeline must run end to end by backbone.name alone.
+NEW_FAMILIES = ("efficientnet_lite1", "efficientnetv2_b0", "convnext_tiny", "mobilenet_v3_small")
+
+
+@pytest.mark.parametrize("name", NEW_FAMILIES)
+def test_a_backbone_change_is_one_param_and_reruns_everything_from_extract(tiny_dvc_project, tmp_path, name):
+    proj = copy_project(tiny_dvc_project, tmp_path / "proj")
+    _set_param(proj, "backbone.name", name)
+    if name != "efficientnet_lite1":  # Lite1's ImageNet weights install with requirements; the others need a download
+        _set_param(proj, "backbone.weights", "none")
+    out = run_dvc(proj, "repro")
+    assert ran_stages(out) == STAGES - {"demo", "prepare"}, out
+    metrics = json.loads((proj / "reports" / "metrics.json").read_text())
+    assert metrics["head"]["n"] == metrics["finetuned"]["n"] > 0
+    meta = json.loads((proj / "models" / "serving.json").read_text())
+    assert name in json.dumps(meta), "the export's description does not name the backbone"
+    for f in ("models/model.onnx", "models/model.tflite"):
+        assert (proj / f).stat().st_size > 0, f
+
+
 def test_metrics_show_lists_stage_metrics(tiny_dvc_project):
     out = run_dvc(tiny_dvc_project, "metrics", "show")
     assert "reports/metrics.json" in out and "head.accuracy" in out

