@@ -1,0 +1,126 @@
+"""CPU speed of every registered backbone, side by side in one process (interleaved rounds, medians).
+
+    python bench/backbone_speed.py                                   # every backbone in the registry
+    python bench/backbone_speed.py --names efficientnet_lite0 efficientnet_lite1 efficientnet_lite2
+
+Each backbone is built as the stages build it (``pipeline.backbones.build.build_backbone``) at its native size
+with random weights (``backbone.weights: none``: speed does not depend on the weight values, and no download is
+needed), then timed on random uint8 images:
+
+- **extract**: the backbone on ONNX Runtime (extract's CPU engine), batches of ``extract.batch_size``: images/s;
+- **fine-tune bottom**: the frozen part below ``finetune.unfreeze_from: auto`` on ONNX Runtime, run once per
+  view of each training image: images/s;
+- **fine-tune top**: one training step of the part above the boundary + a dense head (BN folded, the recipe's
+  optimizer, ``finetune.batch_size``) on activations of that shape: images/s;
+- **fine-tune, new view**: ``1 / (1/bottom + 1/top)``: training images per second of an epoch whose view is not
+  cached yet (the first epochs); an epoch on a cached view runs at the top's rate.
+
+Every figure is also printed as a ratio to ``efficientnet_lite0`` measured in the same round, the figure to
+quote. One JSON line per run is appended to ``--out``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+from benchlib import ROOT, bench_parser, cpu_name, idle_check
+
+from pipeline.backbones.build import build_backbone, count_params, get_base
+from pipeline.backbones.registry import REGISTRY, image_size
+from pipeline.core.io import setup_logging
+from pipeline.core.params import Params, load_params
+from pipeline.finetuning.cut import cut_at
+from pipeline.finetuning.recipe import compile_top, fold_bn_scale, unfreeze_from
+from pipeline.models.heads import build_head
+from pipeline.runtime.engines import compile_onnx
+
+REFERENCE = "efficientnet_lite0"
+
+
+class Timed:
+    """One backbone, built once: its ONNX engines and its compiled top, ready to time."""
+
+    def __init__(self, name: str, params: Params):
+        bp = dataclasses.replace(params.backbone, name=name, weights="none", image_size=None)
+        self.name, self.size = name, image_size(bp)
+        backbone = build_backbone(bp)
+        base = get_base(backbone)
+        self.params = count_params(base.weights)
+        self.extract = compile_onnx(backbone, self.size)
+        head = build_head(int(backbone.output.shape[-1]), 5)
+        boundary = REGISTRY[name].unfreeze_from
+        unfreeze_from(base, boundary, name)
+        fold_bn_scale(base)
+        cut = cut_at(backbone, head, boundary)
+        self.bottom = compile_onnx(cut.bottom, self.size)
+        self.top = cut.top
+        compile_top(self.top, params.finetune, steps_per_epoch=100, replicas=1)
+        rng = np.random.default_rng(0)
+        self.images = rng.integers(0, 256, (params.extract.batch_size, self.size, self.size, 3), dtype=np.uint8)
+        bs = params.finetune.batch_size
+        self.acts = rng.standard_normal((bs, *cut.activation_shape)).astype(np.float32)
+        self.labels = rng.integers(0, 5, bs)
+        self.extract(self.images), self.bottom(self.images)  # warm-up: first calls allocate
+        self.top.train_on_batch(self.acts, self.labels)
+
+    def rates(self, seconds: float) -> dict[str, float]:
+        """Images per second of each part, each timed for about ``seconds``."""
+        extract = _rate(lambda: self.extract(self.images), len(self.images), seconds)
+        bottom = _rate(lambda: self.bottom(self.images), len(self.images), seconds)
+        top = _rate(lambda: self.top.train_on_batch(self.acts, self.labels), len(self.acts), seconds)
+        return {"extract": extract, "bottom": bottom, "top": top, "new_view": 1 / (1 / bottom + 1 / top)}
+
+
+def _rate(call, n: int, seconds: float) -> float:
+    done, t0 = 0, time.perf_counter()
+    while True:
+        call()
+        done += n
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds:
+            return done / elapsed
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = bench_parser(__doc__, "~1-2 min a backbone (building, two ONNX conversions, --rounds x 3 parts x "
+                               "--seconds); every registered backbone: ~30-40 min (estimate)")
+    ap.add_argument("--names", nargs="+", default=list(REGISTRY), choices=list(REGISTRY), metavar="NAME")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=3.0, help="time per part per round")
+    ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    ap.add_argument("--out", type=Path, default=ROOT / ".cache" / "backbone_speed.jsonl")
+    args = ap.parse_args(argv)
+    setup_logging()
+    params = load_params(args.params)
+    names = [REFERENCE] + [n for n in args.names if n != REFERENCE]
+    with idle_check("backbone_speed"):
+        timed = {}
+        for n in names:
+            timed[n] = Timed(n, params)
+        rounds = {n: [] for n in names}
+        for _ in range(args.rounds):
+            for n in names:  # interleaved: every backbone in every round
+                rounds[n].append(timed[n].rates(args.seconds))
+    parts = ("extract", "bottom", "top", "new_view")
+    medians = {n: {p: statistics.median(r[p] for r in rounds[n]) for p in parts} for n in names}
+    ratios = {n: {p: statistics.median(r[p] / ref[p] for r, ref in zip(rounds[n], rounds[REFERENCE]))
+                  for p in parts} for n in names}
+    print(f"\nCPU: {cpu_name()}; native sizes, random weights, extract batch {params.extract.batch_size}, "
+          f"fine-tune batch {params.finetune.batch_size}; img/s (× {REFERENCE}, median of {args.rounds} rounds)")
+    print("| backbone | size | weights | extract | fine-tune bottom | fine-tune top | fine-tune, new view |")
+    print("|---|---|---|---|---|---|---|")
+    for n in names:
+        cells = " | ".join(f"{medians[n][p]:.0f} (×{ratios[n][p]:.2f})" for p in parts)
+        print(f"| `{n}` | {timed[n].size} | {timed[n].params / 1e6:.1f} M | {cells} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a") as f:
+        f.write(json.dumps({"cpu": cpu_name(), "rounds": args.rounds, "seconds": args.seconds,
+                            "medians": medians, "ratios": ratios}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
