@@ -15,11 +15,12 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     spec = get_spec(args.name)
     base = spec.build(None, (spec.default_size, spec.default_size, 3))  # random init: only the shapes matter
+    shares = boundary_shares(base, args.name)
+    width = max(28, *(len(name) for name, _ in shares))  # ConvNeXt's layer names are long
     print(f"{args.name}: {count_params(base.weights):,} weights; native size {spec.default_size} px, smallest "
-          f"{spec.min_size}\n{'finetune.unfreeze_from':30s} share of the weights it trains")
-    for name, share in boundary_shares(base, args.name):
-        print(f"  {name:28s} {share:6.1%}" + ("   <- auto (the default)" if name == spec.unfreeze_from else ""))
-
+          f"{spec.min_size}\n{'finetune.unfreeze_from':{width + 2}s} share of the weights it trains")
+    for name, share in shares:
+        print(f"  {name:{width}s} {share:6.1%}" + ("   <- auto (the default)" if name == spec.unfreeze_from else ""))
 
 
 if __name__ == "__main__":
