@@ -44,7 +44,7 @@ KERAS_PREPROCESS = {
     "mobilenet_v3_large": keras.applications.mobilenet_v3,
 }
 # The models that normalise inside: what they see of [0, 255] must reach their first layer untouched.
-INSIDE_NORMALISATION = ("efficientnetv2_b0", "efficientnetv2_s", "convnext_tiny", "mobilenet_v3_small")
+INSIDE_NORMALISATION = [name for name, spec in REGISTRY.items() if spec.preprocessing == "raw"]
 
 
 def _pixels(seed: int = 0) -> np.ndarray:

@@ -98,6 +98,11 @@ def test_convnext_depthwise_convs_are_depthwise_layers_computing_what_keras_grou
 
     keras.utils.set_random_seed(0)
     original = keras.applications.ConvNeXtTiny(include_top=False, weights=None, input_shape=(32, 32, 3))
+    # Keras initialises LayerScale at 1e-6, which would hide any error of the depthwise branch: make it count.
+    rng = np.random.default_rng(1)
+    for layer in original.layers:
+        if layer.name.endswith("_layer_scale"):
+            layer.set_weights([rng.uniform(0.5, 1.5, w.shape).astype(np.float32) for w in layer.get_weights()])
     rewritten = _depthwise_convs(original)
     grouped = [layer.name for layer in original.layers if isinstance(layer, keras.layers.Conv2D) and layer.groups > 1]
     assert len(grouped) == 18  # 3 + 3 + 9 + 3 blocks

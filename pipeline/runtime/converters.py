@@ -65,8 +65,8 @@ def _erf_gelus(model: "keras.Model") -> "keras.Model":
     import keras
 
     def exact_gelu(layer) -> bool:
-        return (isinstance(layer, keras.layers.Activation) and layer.activation is keras.activations.gelu
-                and not layer.get_config().get("approximate", False))
+        # Activation("gelu") is always the exact form (gelu's default); the tanh approximation converts as is.
+        return isinstance(layer, keras.layers.Activation) and layer.activation is keras.activations.gelu
 
     if not any(exact_gelu(layer) for layer in model._flatten_layers()):
         return model
