@@ -4,8 +4,9 @@
     python bench/backbone_speed.py --names efficientnet_lite0 efficientnet_lite1 efficientnet_lite2
 
 Each backbone is built as the stages build it (``pipeline.backbones.build.build_backbone``) at its native size
-with random weights (``backbone.weights: none``: speed does not depend on the weight values, and no download is
-needed), then timed on random uint8 images:
+with random weights (``backbone.weights: none``: no download needed; dense CPU arithmetic does not depend on the
+values, unless they reach the subnormal range, which is slow on x86: each backbone's outputs are checked for
+subnormal values, and a warning names any backbone that has them), then timed on random uint8 images:
 
 - **extract**: the backbone on ONNX Runtime (extract's CPU engine), batches of ``extract.batch_size``: images/s;
 - **fine-tune bottom**: the frozen part below ``finetune.unfreeze_from: auto`` on ONNX Runtime, run once per
@@ -16,12 +17,13 @@ needed), then timed on random uint8 images:
   cached yet (the first epochs); an epoch on a cached view runs at the top's rate.
 
 Every figure is also printed as a ratio to ``efficientnet_lite0`` measured in the same round, the figure to
-quote. One JSON line per run is appended to ``--out``.
+quote; the order of the backbones rotates from round to round. One JSON line per run is appended to ``--out``.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import statistics
 import time
 from pathlib import Path
@@ -39,6 +41,7 @@ from pipeline.models.heads import build_head
 from pipeline.runtime.engines import compile_onnx
 
 REFERENCE = "efficientnet_lite0"
+log = logging.getLogger("backbone_speed")
 
 
 class Timed:
@@ -64,8 +67,12 @@ class Timed:
         bs = params.finetune.batch_size
         self.acts = rng.standard_normal((bs, *cut.activation_shape)).astype(np.float32)
         self.labels = rng.integers(0, 5, bs)
-        self.extract(self.images), self.bottom(self.images)  # warm-up: first calls allocate
+        outputs = [self.extract(self.images), self.bottom(self.images)]  # warm-up: first calls allocate
         self.top.train_on_batch(self.acts, self.labels)
+        tiny = [float(np.mean((o != 0) & (np.abs(o) < np.finfo(np.float32).tiny))) for o in outputs]
+        if not all(np.isfinite(o).all() for o in outputs) or max(tiny) > 0:
+            log.warning("%s: non-finite or subnormal outputs (subnormal share: extract %.2g, bottom %.2g): "
+                        "its speed figures may not be what trained weights give", name, *tiny)
 
     def rates(self, seconds: float) -> dict[str, float]:
         """Images per second of each part, each timed for about ``seconds``."""
@@ -102,8 +109,8 @@ def main(argv: list[str] | None = None) -> None:
         for n in names:
             timed[n] = Timed(n, params)
         rounds = {n: [] for n in names}
-        for _ in range(args.rounds):
-            for n in names:  # interleaved: every backbone in every round
+        for r in range(args.rounds):
+            for n in names[r % len(names):] + names[:r % len(names)]:  # interleaved, the order rotating
                 rounds[n].append(timed[n].rates(args.seconds))
     parts = ("extract", "bottom", "top", "new_view")
     medians = {n: {p: statistics.median(r[p] for r in rounds[n]) for p in parts} for n in names}
@@ -119,6 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:
         f.write(json.dumps({"cpu": cpu_name(), "rounds": args.rounds, "seconds": args.seconds,
+                            "extract_batch": params.extract.batch_size, "finetune_batch": params.finetune.batch_size,
+                            "sizes": {n: timed[n].size for n in names},
+                            "weights": {n: timed[n].params for n in names},
                             "medians": medians, "ratios": ratios}) + "\n")
 
 
