@@ -16,12 +16,14 @@ subnormal values, and a warning names any backbone that has them), then timed on
 - **fine-tune, new view**: ``1 / (1/bottom + 1/top)``: training images per second of an epoch whose view is not
   cached yet (the first epochs); an epoch on a cached view runs at the top's rate.
 
-Every figure is also printed as a ratio to ``efficientnet_lite0`` measured in the same round, the figure to
-quote; the order of the backbones rotates from round to round. One JSON line per run is appended to ``--out``.
+Every figure is also printed as a ratio to ``efficientnet_lite0`` measured side by side: Lite0 stays built and
+each other backbone is built in turn (all at once would not fit in 24 GiB), timed in rounds alternating with Lite0
+(the order swapping each round), then freed. One JSON line per run is appended to ``--out``.
 """
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import statistics
@@ -93,8 +95,10 @@ def _rate(call, n: int, seconds: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = bench_parser(__doc__, "~1-2 min a backbone (building, two ONNX conversions, --rounds x 3 parts x "
-                               "--seconds); every registered backbone: ~30-40 min (estimate)")
+    ap = bench_parser(__doc__, "~1-1.5 min a backbone with --rounds 3 --seconds 1 (building, two ONNX conversions, "
+                               "then 2 x rounds x 3 parts x --seconds), ~25-30 min for all 23. Memory grows ~1 GB a "
+                               "backbone (TensorFlow keeps some of each graph): with 24 GiB, split the list over "
+                               "2-3 runs with --names (each run times its own Lite0)")
     ap.add_argument("--names", nargs="+", default=list(REGISTRY), choices=list(REGISTRY), metavar="NAME")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=3.0, help="time per part per round")
@@ -104,31 +108,37 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     params = load_params(args.params)
     names = [REFERENCE] + [n for n in args.names if n != REFERENCE]
-    with idle_check("backbone_speed"):
-        timed = {}
-        for n in names:
-            timed[n] = Timed(n, params)
-        rounds = {n: [] for n in names}
-        for r in range(args.rounds):
-            for n in names[r % len(names):] + names[:r % len(names)]:  # interleaved, the order rotating
-                rounds[n].append(timed[n].rates(args.seconds))
     parts = ("extract", "bottom", "top", "new_view")
-    medians = {n: {p: statistics.median(r[p] for r in rounds[n]) for p in parts} for n in names}
-    ratios = {n: {p: statistics.median(r[p] / ref[p] for r, ref in zip(rounds[n], rounds[REFERENCE]))
-                  for p in parts} for n in names}
+    medians, ratios, sizes, weights = {}, {}, {}, {}
+    with idle_check("backbone_speed"):
+        ref = Timed(REFERENCE, params)
+        for n in names:
+            other = ref if n == REFERENCE else Timed(n, params)
+            mine, theirs = [], []
+            for r in range(args.rounds):  # side by side with Lite0, the order swapping each round
+                pair = (other, ref) if r % 2 == 0 else (ref, other)
+                got = {t.name: t.rates(args.seconds) for t in pair}
+                mine.append(got[n])
+                theirs.append(got[REFERENCE] if n != REFERENCE else got[n])
+            medians[n] = {p: statistics.median(m[p] for m in mine) for p in parts}
+            ratios[n] = {p: statistics.median(m[p] / t[p] for m, t in zip(mine, theirs)) for p in parts}
+            sizes[n], weights[n] = other.size, other.params
+            print(f"{n}: " + ", ".join(f"{p} {medians[n][p]:.1f} img/s (×{ratios[n][p]:.2f})" for p in parts),
+                  flush=True)
+            del other
+            gc.collect()
     print(f"\nCPU: {cpu_name()}; native sizes, random weights, extract batch {params.extract.batch_size}, "
           f"fine-tune batch {params.finetune.batch_size}; img/s (× {REFERENCE}, median of {args.rounds} rounds)")
     print("| backbone | size | weights | extract | fine-tune bottom | fine-tune top | fine-tune, new view |")
     print("|---|---|---|---|---|---|---|")
     for n in names:
         cells = " | ".join(f"{medians[n][p]:.0f} (×{ratios[n][p]:.2f})" for p in parts)
-        print(f"| `{n}` | {timed[n].size} | {timed[n].params / 1e6:.1f} M | {cells} |")
+        print(f"| `{n}` | {sizes[n]} | {weights[n] / 1e6:.1f} M | {cells} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:
         f.write(json.dumps({"cpu": cpu_name(), "rounds": args.rounds, "seconds": args.seconds,
                             "extract_batch": params.extract.batch_size, "finetune_batch": params.finetune.batch_size,
-                            "sizes": {n: timed[n].size for n in names},
-                            "weights": {n: timed[n].params for n in names},
+                            "sizes": sizes, "weights": weights,
                             "medians": medians, "ratios": ratios}) + "\n")
 
 
