@@ -43,7 +43,8 @@ def bench_seed(seed: int, per_class: int, overrides: list[str], work: Path) -> d
     ft = finetune.run(raw_dir=raw_dir, manifest=out / "manifest.csv", classes_json=out / "classes.json",
                       val_features=feats["val"], head_path=out / "head.keras", model_out=out / "model.keras",
                       history_out=out / "ft_history.csv", metrics_out=out / "ft_metrics.json", params=params)
-    report = evaluate.run(raw_dir=raw_dir, classes_json=out / "classes.json", test_features=feats["test"],
+    report = evaluate.run(raw_dir=raw_dir, manifest=out / "manifest.csv",
+                          classes_json=out / "classes.json", test_features=feats["test"],
                           head_path=out / "head.keras", model_path=out / "model.keras",
                           metrics_out=out / "metrics.json", per_class_out=out / "per_class.json",
                           plots_dir=out / "plots", mistakes_out=out / "mistakes.png", params=params)

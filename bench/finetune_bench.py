@@ -63,7 +63,8 @@ def bench_one(name: str, overrides: list[str], work: Path, tag: str, reuse: Path
                       history_out=out / "ft_history.csv", metrics_out=out / "ft_metrics.json", params=params,
                       activation_cache=work / "activations")
     seconds = time.perf_counter() - t0
-    report = evaluate.run(raw_dir=raw_dir, classes_json=out / "classes.json", test_features=feats["test"],
+    report = evaluate.run(raw_dir=raw_dir, manifest=out / "manifest.csv",
+                          classes_json=out / "classes.json", test_features=feats["test"],
                           head_path=out / "head.keras", model_path=out / "model.keras",
                           metrics_out=out / "metrics.json", per_class_out=out / "per_class.json",
                           plots_dir=out / "plots", mistakes_out=out / "mistakes.png", params=params)

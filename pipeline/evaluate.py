@@ -11,6 +11,12 @@ outputs with the temperature undone (:func:`pipeline.models.calibration.apply_te
 reported beside them. With ``evaluate.tta`` each model's probabilities are averaged over the
 views of :mod:`pipeline.runtime.tta`; the head then also runs on the mirrored test images (frozen
 backbone + head), as no features of those are cached.
+
+``test_near_copies_of_train`` counts the test images whose perceptual hash (recorded by prepare in
+the manifest) is within ``data.group_hash_bits`` bits (4 when that is -1) of a train or val
+image's: their scores measure memory more than generalisation, and the log warns when any exist.
+Prepare keeps near-copies in one split, so the count is 0 unless the test images were given (a
+``test/`` folder, ``data.test_dir``) or the grouping was turned off.
 """
 from __future__ import annotations
 
@@ -31,9 +37,11 @@ from sklearn.metrics import (
 
 from pipeline.backbones.build import build_backbone, feature_provenance
 from pipeline.backbones.registry import image_size
-from pipeline.core.io import atomic_path, read_json, setup_logging, user_errors, write_csv, write_json
+from pipeline.core.io import PipelineError, atomic_path, read_json, setup_logging, user_errors, write_csv, write_json
+from pipeline.core.manifest import read_manifest
 from pipeline.core.params import Params, load_params
 from pipeline.data.images import load_image
+from pipeline.data.near_copies import DEFAULT_BITS, from_hex, near_pairs
 from pipeline.extraction.features import open_features
 from pipeline.models.calibration import apply_temperature, coverage_curve, ece, reliability_bins
 from pipeline.models.heads import build_stacked, load_model, model_temperature, predict_features
@@ -44,7 +52,7 @@ from pipeline.runtime.inference import Infer, batched_images
 log = logging.getLogger(__name__)
 
 # The params this stage reads: exactly its `params:` in dvc.yaml (a test checks both agree).
-PARAMS = ("backbone", "evaluate")
+PARAMS = ("data.group_hash_bits", "backbone", "evaluate")
 
 MODELS = ("head", "finetuned")
 
@@ -159,8 +167,23 @@ def write_plots(plots_dir: Path, name: str, y: np.ndarray, probs: np.ndarray, cl
               [(r["min_confidence"], r["coverage"], r["accuracy"], r["n"]) for r in coverage_curve(probs, y)])
 
 
-def run(*, raw_dir: Path, classes_json: Path, test_features: Path, head_path: Path, model_path: Path,
-        metrics_out: Path, per_class_out: Path, plots_dir: Path, mistakes_out: Path, params: Params) -> dict:
+def near_copies_of_train(manifest: Path, bits: int) -> tuple[int, list[str]]:
+    """Test images of ``manifest`` with a train or val image within ``bits`` bits of pHash →
+    (their number, up to 5 of their paths)."""
+    items = read_manifest(manifest)
+    if any(not it.phash for it in items):
+        raise PipelineError(f"{manifest} has no perceptual hashes (written before prepare recorded them); "
+                            "re-run `dvc repro prepare`")
+    pairs = near_pairs(from_hex([it.phash for it in items]), bits)
+    test = np.array([it.split == "test" for it in items])
+    cross = pairs[test[pairs[:, 0]] != test[pairs[:, 1]]]
+    rows = sorted({int(i) for i in cross.reshape(-1) if test[i]})
+    return len(rows), [items[i].path for i in rows[:5]]
+
+
+def run(*, raw_dir: Path, manifest: Path, classes_json: Path, test_features: Path, head_path: Path,
+        model_path: Path, metrics_out: Path, per_class_out: Path, plots_dir: Path, mistakes_out: Path,
+        params: Params) -> dict:
     """Score both models on the test split; write metrics, per-class report, plot data and mistakes.
 
     ``metrics_out`` gets the headline numbers per model (accuracy, log loss, ROC-AUC, n, ECE, and log loss
@@ -205,8 +228,11 @@ def run(*, raw_dir: Path, classes_json: Path, test_features: Path, head_path: Pa
         write_plots(plots_dir, name, y, probs[name], classes)
     report["n_mistakes_shown"] = mistakes_gallery(mistakes_out, paths, y, probs["finetuned"], classes,
                                                   params.evaluate.n_mistakes)
+    bits = params.data.group_hash_bits if params.data.group_hash_bits >= 0 else DEFAULT_BITS
+    n_copies, examples = near_copies_of_train(manifest, bits)
+    report["test_near_copies_of_train"] = n_copies
     details = {"class_names": classes, "engine": engine, "tta_views": list(view_names)}
-    headline = {"n_mistakes_shown": report["n_mistakes_shown"]}
+    headline = {"n_mistakes_shown": report["n_mistakes_shown"], "test_near_copies_of_train": n_copies}
     for name in MODELS:
         m = report[name]
         details[name] = {"per_class": m["per_class"], "confusion_matrix": m["confusion_matrix"]}
@@ -219,20 +245,26 @@ def run(*, raw_dir: Path, classes_json: Path, test_features: Path, head_path: Pa
         log.info("%-9s test acc %.4f  log loss %.4f (uncalibrated %.4f)  ECE %.4f (uncalibrated %.4f)  AUC %s",
                  name, m["accuracy"], m["log_loss"], m["log_loss_uncalibrated"], m["ece"], m["ece_uncalibrated"],
                  m["roc_auc"])
+    if n_copies:
+        log.warning("%d of %d test images have a near-copy (pHash within %d bits) among the train or val images "
+                    "(e.g. %s): on those the test metrics measure memory, not generalisation. Exclude one of each "
+                    "pair (data/exclude.txt) or, for a split prepare made, keep data.group_hash_bits on", n_copies,
+                    len(y), bits, ", ".join(examples))
     return report
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name in ("raw-dir", "classes", "test-features", "head", "model", "metrics", "per-class", "plots-dir",
-                 "mistakes"):
+    for name in ("raw-dir", "manifest", "classes", "test-features", "head", "model", "metrics", "per-class",
+                 "plots-dir", "mistakes"):
         ap.add_argument(f"--{name}", type=Path, required=True)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
     setup_logging()
     with user_errors():
         params = load_params(args.params, "evaluate", PARAMS)
-        run(raw_dir=args.raw_dir, classes_json=args.classes, test_features=args.test_features, head_path=args.head,
+        run(raw_dir=args.raw_dir, manifest=args.manifest,
+            classes_json=args.classes, test_features=args.test_features, head_path=args.head,
             model_path=args.model, metrics_out=args.metrics, per_class_out=args.per_class,
             plots_dir=args.plots_dir, mistakes_out=args.mistakes, params=params)
 

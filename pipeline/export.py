@@ -52,13 +52,15 @@ from pipeline.core.io import (
     user_errors,
     write_json,
 )
+from pipeline.core.params import DataParams, load_params
 from pipeline.models.heads import load_model, model_temperature
 from pipeline.runtime.converters import ONNX_OPSET, to_onnx, to_tflite
 
 log = logging.getLogger(__name__)
 
-# The params this stage reads (none: the model's sidecar says everything), as in dvc.yaml.
-PARAMS: tuple[str, ...] = ()
+# The params this stage reads, as in dvc.yaml: the model's sidecar says everything else. The pixel
+# limit training ran under is recorded for predict, which refuses larger (untrusted) images.
+PARAMS: tuple[str, ...] = ("data.max_image_pixels",)
 
 # Max |Δp| allowed between a reloaded export (any format) and the Keras model on the same pixels.
 # All three compute float32; ONNX Runtime and LiteRT sum in other orders than TensorFlow, which
@@ -199,9 +201,10 @@ def write_file_format(fmt: str, out: Path, model, size: int) -> tuple[float, str
 
 
 def run(*, model_path: Path, out_dir: Path, meta_out: Path, onnx_out: Path | None = None,
-        tflite_out: Path | None = None) -> dict:
+        tflite_out: Path | None = None, max_image_pixels: int = DataParams().max_image_pixels) -> dict:
     """Export ``model_path`` (+ its sidecar) to the SavedModel ``out_dir`` and, when given, to ``onnx_out``
-    and ``tflite_out``; returns the metadata written to ``meta_out``."""
+    and ``tflite_out``; returns the metadata written to ``meta_out``. ``max_image_pixels``:
+    ``data.max_image_pixels``, recorded as the largest image predict decodes by default."""
     model, meta = load_model(model_path)
     if meta.get("kind") != "finetuned":
         raise PipelineError(f"{model_path} is a {meta.get('kind')!r} model; export needs the fine-tuned image model")
@@ -221,6 +224,8 @@ def run(*, model_path: Path, out_dir: Path, meta_out: Path, onnx_out: Path | Non
         "outputs": {"probabilities": "float32 (B, K)", "predicted_class": "string (B,)",
                     "class_names": "string (B, K)"},
         "class_names": class_names, "image_size": size, "resize": RESIZE_METHOD,
+        # Training's decompression-bomb guard: predict refuses images whose header declares more pixels.
+        "max_image_pixels": max_image_pixels,
         # Fitted on val by finetune; inside the graph of every format written here (probabilities are calibrated).
         "temperature": model_temperature(model),
         "source_model": str(model_path), "source_model_sha256": sha256_file(model_path),
@@ -249,11 +254,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--meta", type=Path, required=True, help="JSON describing the export (signature, classes)")
     ap.add_argument("--onnx", type=Path, default=None, help="also write the model as this ONNX file")
     ap.add_argument("--tflite", type=Path, default=None, help="also write the model as this TFLite file")
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
     setup_logging()
     with user_errors():
+        params = load_params(args.params, "export", PARAMS)
         run(model_path=args.model, out_dir=args.out, meta_out=args.meta, onnx_out=args.onnx,
-            tflite_out=args.tflite)
+            tflite_out=args.tflite, max_image_pixels=params.data.max_image_pixels)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,11 @@ model's size), and the model carries its own preprocessing, so a prediction here
 Keras model's for the same file (to 1e-5, the export stage's check). A ``.keras`` model
 (``--model models/model.keras``) still runs, through TensorFlow (``--engine``). A file that
 cannot be decoded gets a row with the error and no probabilities; it does not stop the run.
-Not a DVC stage: a tool for after ``dvc repro``.
+So does a file whose header declares more pixels than ``--max-pixels`` (default: the
+``data.max_image_pixels`` the model was trained under, recorded in ``serving.json``): it is
+refused before a pixel is decoded, so a small file declaring a huge image costs no memory.
+Not a DVC stage: a tool for after ``dvc repro``; in a clone whose ``dvc.lock`` records the
+exported model, a missing model is one ``dvc pull`` away, and the error says so.
 """
 from __future__ import annotations
 
@@ -25,13 +29,14 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from pipeline.core.io import PipelineError, setup_logging, sha256_file, user_errors, write_csv, write_json
+from pipeline.core.params import DataParams
 from pipeline.data.images import IMAGE_EXTENSIONS
 from pipeline.data.scanning import image_files
 
 # Only modules that import neither TensorFlow nor Keras at import time (tests/test_predict.py checks it).
 from pipeline.runtime import tta as tta_views
 from pipeline.runtime.engines import onnx_session
-from pipeline.runtime.inference import Infer, batched_outputs
+from pipeline.runtime.inference import Infer, PixelLimit, batched_outputs
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,34 @@ DEFAULT_MODEL = Path("models/model.onnx")
 META_NAME = "serving.json"  # written by the export stage beside the .onnx file
 EXPORT_HINT = "the `export` stage writes it: run `dvc repro export` (after training)"
 FORMATS = ("csv", "json")
+# Largest image (pixels, from its header) decoded when the model's description records none.
+DEFAULT_MAX_PIXELS = DataParams().max_image_pixels
+
+
+def export_hint(model_path: Path) -> str:
+    """How to get the missing ``model_path``: ``dvc pull`` when a ``dvc.lock`` above it records it as an
+    output (a clone of a project that ran, with a DVC remote), else ``dvc repro export``."""
+    here = Path(model_path).resolve().parent
+    for root in (here, *here.parents):
+        lock = root / "dvc.lock"
+        if not lock.is_file():
+            continue
+        try:
+            import yaml
+
+            stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages") or {}
+            rel = Path(model_path).resolve().relative_to(root).as_posix()
+        except (OSError, ValueError, AttributeError, yaml.YAMLError):
+            break
+        outs = {o.get("path") for st in stages.values() if isinstance(st, dict) for o in st.get("outs") or []
+                if isinstance(o, dict)}
+        if rel in outs:
+            meta = (Path(rel).parent / META_NAME).as_posix()
+            pull = f"dvc pull {rel} {meta}" if meta in outs else f"dvc pull {rel}"
+            return (f"{root / 'dvc.lock'} records it: fetch it with `{pull}` (from the project's DVC remote), "
+                    "or run `dvc repro export` to build it")
+        break
+    return EXPORT_HINT
 
 
 
@@ -92,10 +125,10 @@ def load_onnx(model_path: Path, meta_path: Optional[Path] = None) -> LoadedModel
     (default: ``serving.json`` beside it), whose recorded sha256 the file must match."""
     meta_path = meta_path or model_path.parent / META_NAME
     if not model_path.is_file():
-        raise PipelineError(f"{model_path}: no exported model there; {EXPORT_HINT}, or pass --model")
+        raise PipelineError(f"{model_path}: no exported model there; {export_hint(model_path)}, or pass --model")
     if not meta_path.is_file():
         raise PipelineError(f"{meta_path}: the export's description (class names, image size) is missing beside "
-                            f"{model_path}; {EXPORT_HINT}, or pass --meta")
+                            f"{model_path}; {export_hint(meta_path)}, or pass --meta")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     entry = (meta.get("files") or {}).get("onnx")
     if not entry or "class_names" not in meta or "image_size" not in meta:
@@ -120,7 +153,8 @@ def load_onnx(model_path: Path, meta_path: Optional[Path] = None) -> LoadedModel
         return session.run(["probabilities"], {inp.name: np.ascontiguousarray(batch, dtype=np.uint8)})[0]
 
     info = {"path": str(model_path), "sha256": digest, "source_model": meta.get("source_model"),
-            "source_model_sha256": meta.get("source_model_sha256"), "image_size": size, "runtime": "onnxruntime"}
+            "source_model_sha256": meta.get("source_model_sha256"), "image_size": size, "runtime": "onnxruntime",
+            "max_image_pixels": int(meta.get("max_image_pixels") or DEFAULT_MAX_PIXELS)}
     return LoadedModel(infer, classes, size, info)
 
 
@@ -135,16 +169,19 @@ def load_keras(model_path: Path, batch_size: int, engine: str = "auto") -> Loade
                             f"fine-tuned image model (default {DEFAULT_MODEL}), not the feature head")
     size = int(meta["provenance"]["image_size"])
     chosen = resolve_engine(engine, has_gpu())
-    info = {"path": str(model_path), "sha256": sha256_file(model_path), "image_size": size, "runtime": chosen}
+    info = {"path": str(model_path), "sha256": sha256_file(model_path), "image_size": size, "runtime": chosen,
+            "max_image_pixels": DEFAULT_MAX_PIXELS}
     return LoadedModel(compile_engine(model, size, chosen, batch_size), list(meta["class_names"]), size, info)
 
 
 def predict_paths(infer: Infer, paths: Sequence[str], size: int, batch_size: int = 32,
-                  progress: bool = True) -> Iterable[Prediction]:
+                  progress: bool = True, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Iterable[Prediction]:
     """Yield one :class:`Prediction` per path, in order, through evaluate's image → probabilities path
-    (:func:`pipeline.runtime.inference.batched_outputs`; a file that does not decode gets its error)."""
+    (:func:`pipeline.runtime.inference.batched_outputs`; a file that does not decode, or declares more
+    than ``max_pixels`` pixels, gets its error)."""
     batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
-    outputs = batched_outputs(infer, paths, size, batch_size, tolerant=True, desc="predict", progress=progress)
+    refuse = PixelLimit(max_pixels, "--max-pixels") if max_pixels is not None else True
+    outputs = batched_outputs(infer, paths, size, batch_size, tolerant=refuse, desc="predict", progress=progress)
     for batch, (probs, errors) in zip(batches, outputs):
         k = 0
         for path, err in zip(batch, errors):
@@ -216,18 +253,22 @@ def summary(preds: Sequence[Prediction], min_confidence: float) -> dict[str, int
 
 def run(*, inputs: Sequence[str | Path], model_path: Path = DEFAULT_MODEL, meta_path: Optional[Path] = None,
         out: Path = Path("predictions.csv"), fmt: str = "csv", top_k: int = 0, min_confidence: float = 0.0,
-        batch_size: int = 32, progress: bool = True, engine: str = "auto", tta: bool = False) -> list[Prediction]:
+        batch_size: int = 32, progress: bool = True, engine: str = "auto", tta: bool = False,
+        max_pixels: Optional[int] = None) -> list[Prediction]:
     """Predict every image in ``inputs`` with ``model_path`` (``.onnx``: ONNX Runtime, metadata from
     ``meta_path``; ``.keras``: TensorFlow on ``engine``); write ``out`` as ``fmt``; return the predictions.
 
     ``tta``: average each image's probabilities over the views of :data:`pipeline.runtime.tta.TTA_VIEWS` (the image
-    and its mirror), as ``evaluate.tta`` does; twice the inference."""
+    and its mirror), as ``evaluate.tta`` does; twice the inference. ``max_pixels``: refuse (as unreadable)
+    an image whose header declares more pixels; None = the limit recorded with the model."""
     if fmt not in FORMATS:
         raise PipelineError(f"unknown output format {fmt!r}; use one of {FORMATS}")
     if not 0.0 <= min_confidence <= 1.0:
         raise PipelineError(f"min_confidence {min_confidence} is not a probability in [0, 1]")
     if top_k < 0:
         raise PipelineError(f"top_k {top_k} must be >= 0 (0: no ranking columns)")
+    if max_pixels is not None and max_pixels < 1:
+        raise PipelineError(f"max_pixels {max_pixels} must be >= 1")
     model_path = Path(model_path)
     if model_path.suffix == ".keras":
         loaded = load_keras(model_path, batch_size, engine)
@@ -247,7 +288,8 @@ def run(*, inputs: Sequence[str | Path], model_path: Path = DEFAULT_MODEL, meta_
     def infer(batch: np.ndarray) -> np.ndarray:
         return tta_views.predict(loaded.infer, batch, views) if tta else loaded.infer(batch)
 
-    preds = list(predict_paths(infer, paths, loaded.size, batch_size, progress))
+    limit = max_pixels or loaded.info["max_image_pixels"]
+    preds = list(predict_paths(infer, paths, loaded.size, batch_size, progress, limit))
     if fmt == "csv":
         write_csv(out, *prediction_rows(preds, classes, top_k, min_confidence))
     else:
@@ -278,6 +320,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="images whose top probability is below P are marked uncertain, with no predicted class "
                          "(default 0: always predict); evaluate's coverage plot helps to choose P")
     ap.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    ap.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                    help="refuse (as unreadable) an image whose header declares more than N pixels, before "
+                         "decoding it (default: the data.max_image_pixels the model was trained under, from "
+                         f"{META_NAME}; {DEFAULT_MAX_PIXELS:,} for a .keras model)")
     ap.add_argument("--engine", choices=("auto", "tensorflow", "onnxruntime"), default=None,
                     help="for a .keras model only: auto (default) = tensorflow on a GPU, onnxruntime on CPU")
     ap.add_argument("--tta", action="store_true",
@@ -288,6 +334,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--batch-size must be >= 1")
     if args.top_k < 0:
         ap.error("--top-k must be >= 0")
+    if args.max_pixels is not None and args.max_pixels < 1:
+        ap.error("--max-pixels must be >= 1")
     if not 0.0 <= args.min_confidence <= 1.0:
         ap.error("--min-confidence must be a probability in [0, 1]")
     if args.engine is not None and args.model.suffix != ".keras":
@@ -298,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     with user_errors():
         preds = run(inputs=args.inputs, model_path=args.model, meta_path=args.meta, out=out, fmt=fmt,
                     top_k=args.top_k, min_confidence=args.min_confidence, batch_size=args.batch_size,
-                    engine=args.engine or "auto", tta=args.tta)
+                    engine=args.engine or "auto", tta=args.tta, max_pixels=args.max_pixels)
         n = summary(preds, args.min_confidence)
         print(f"{n['images']} images: {n['predicted']} predicted, {n['uncertain']} uncertain, "
               f"{n['unreadable']} unreadable -> {out}", flush=True)

@@ -7,11 +7,23 @@ report (path, kind, reason), and the good images proceed: the run fails only whe
 rejected share exceeds ``data.max_rejected_fraction`` or a class ends up with fewer than
 ``data.min_images_per_class`` images.
 
-A file's split comes from a hash of (data.seed, its path relative to its class folder), so
-adding images never moves an existing image to another split, and the split does not depend
-on the machine or on directory listing order. If ``raw_dir`` already holds ``train/`` and
-``val/`` (optionally ``test/``) folders with class sub-folders, that split is kept; without
-``test/``, the test split is carved out of ``train/`` by the same hash.
+A file's split comes from a hash of (data.seed, its group's key), so adding images never moves
+an existing group to another split, and the split does not depend on the machine or on
+directory listing order. Related images share a group, and so a split: those whose path gives
+the same text to ``data.group_pattern``'s capture group (an episode, a patient, a session), and
+near-copies, whose perceptual hashes (:mod:`pipeline.data.near_copies`, computed from the same
+decode as the check) are within ``data.group_hash_bits`` bits, joined transitively. A group's
+key is the smallest captured text among its images, else the smallest path inside a class
+folder; an image in no group keys on its own path, as before groups existed. The manifest
+records each image's hash and its group (empty when alone), and the log reports the groups, the
+largest, and how many images follow their group's split rather than their own.
+
+If ``raw_dir`` already holds ``train/`` and ``val/`` (optionally ``test/``) folders with class
+sub-folders, that split is kept; without ``test/``, the test split is carved out of ``train/``
+by the same group hash. A ``data.test_dir`` with class sub-folders is the test split as given
+(paths in the manifest relative to ``raw_dir``, e.g. ``../test/cats/1.jpg``), and ``raw_dir`` is
+split into train and val only. Near-copies across given splits cannot be regrouped: they are
+counted and warned about.
 
 An exclude list (``--exclude``, ``data/exclude.txt`` in dvc.yaml: one path relative to
 ``raw_dir`` per line, or a folder to leave out whole; ``#`` starts a comment line) leaves
@@ -25,18 +37,21 @@ import argparse
 import hashlib
 import logging
 import os
+import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 from tqdm import tqdm
 
 from pipeline.core.io import setup_logging, user_errors, write_csv, write_json
 from pipeline.core.manifest import SPLITS, Item, write_manifest
 from pipeline.core.params import DataParams, load_params
 from pipeline.data.images import IMAGE_EXTENSIONS, ImageDecodeError, load_image
+from pipeline.data.near_copies import components, near_copy_edges, near_pairs, phash, to_hex
 from pipeline.data.scanning import DatasetError, Quarantined, Scanner, printable
 
 log = logging.getLogger(__name__)
@@ -59,8 +74,8 @@ class _Candidate:
 
     path: str  # relative to raw_dir
     label: str
-    split_key: str  # path relative to the class folder: what the split hash sees
-    given_split: Optional[str]  # the split folder it sits in (pre-split layout), else None
+    split_key: str  # path relative to the class folder: what the split hash sees when it has no group
+    given_split: Optional[str]  # the split folder it sits in (pre-split layout, data.test_dir), else None
 
 
 def hash_fraction(seed: int, relpath: str) -> float:
@@ -124,6 +139,30 @@ def _scan_flat(raw_dir: Path, sc: Scanner) -> tuple[list[str], list[_Candidate]]
         for rel in sc.walk(str(raw_dir / label), prefix):
             cands.append(_Candidate(rel, label, rel[len(prefix):], None))
     return classes, cands
+
+
+def _scan_test_dir(test_dir: Path, raw_dir: Path, classes: list[str], sc: Scanner) -> list[_Candidate]:
+    """``test_dir/<class>/…`` → candidates of the test split, paths relative to ``raw_dir``; [] when
+    ``test_dir`` has no class sub-folders (no separate test set)."""
+    if not test_dir.is_dir():
+        raise DatasetError(f"data.test_dir: {test_dir} is not a folder; create it (with no class sub-folders "
+                           "there is no separate test set) or point data.test_dir at your test images")
+    found = sorted(e.name for e in os.scandir(test_dir) if not e.name.startswith(".") and e.is_dir())
+    if not found:
+        return []
+    if found != classes:
+        raise DatasetError(f"data.test_dir: {test_dir} has class folders {found}, data.raw_dir {classes}; the test "
+                           "folder needs the same class sub-folders (rename or add them)")
+    prefix = os.path.relpath(os.path.realpath(test_dir), os.path.realpath(raw_dir)).replace(os.sep, "/") + "/"
+    sc.reserve(test_dir)
+    cands = []
+    for label in classes:
+        sc.reserve(test_dir / label)
+        for rel in sc.walk(str(test_dir / label), f"{prefix}{label}/"):
+            cands.append(_Candidate(rel, label, rel[len(prefix) + len(label) + 1:], "test"))
+    log.info("data.test_dir %s: %d test image files; data.raw_dir is split into train and val only", test_dir,
+             len(cands))
+    return cands
 
 
 def _scan_files(raw_dir: Path) -> tuple[list[str], list[_Candidate], Scanner, bool]:
@@ -194,18 +233,19 @@ def apply_exclude_list(cands: list[_Candidate], entries: list[ExcludeEntry],
     return kept, excluded
 
 
-def check_images(raw_dir: Path, paths: list[str], max_pixels: int, workers: Optional[int] = None) -> list[str]:
-    """Decode every file (relative to ``raw_dir``) with the pipeline's decoder, in parallel.
+def check_images(raw_dir: Path, paths: list[str], max_pixels: int,
+                 workers: Optional[int] = None) -> list[tuple[str, int]]:
+    """Decode every file (relative to ``raw_dir``) with the pipeline's decoder, in parallel, and hash it.
 
-    Returns one entry per path, in order: "" when it decodes, else the reason it does not.
+    Returns one ``(reason, phash)`` per path, in order: ``("", hash)`` when it decodes, else
+    ``(why not, 0)``. The hash is :func:`pipeline.data.near_copies.phash` of the decoded image.
     """
 
-    def check(rel: str) -> str:
+    def check(rel: str) -> tuple[str, int]:
         try:
-            load_image(str(raw_dir / rel), CHECK_SIZE, max_pixels=max_pixels)
-            return ""
+            return "", phash(load_image(str(raw_dir / rel), CHECK_SIZE, max_pixels=max_pixels))
         except ImageDecodeError as exc:
-            return exc.reason
+            return exc.reason, 0
 
     workers = workers or max(1, min(16, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="check") as pool:
@@ -267,41 +307,159 @@ def _check_usable(raw_dir: Path, classes: list[str], good: list[_Candidate], rej
         )
 
 
-def _split(raw_dir: Path, good: list[_Candidate], presplit: bool, params: DataParams) -> list[Item]:
-    """Each usable image's split: its folder's (pre-split layout), else the path hash's. Sorted."""
-    items = []
-    for c in good:
-        if presplit:
+@dataclass(frozen=True)
+class Grouping:
+    """Each usable image's group key (what its split hash sees) and what the grouping did."""
+
+    keys: list[str]
+    member_of: list[str]  # the group's key for an image in a group of two or more, else ""
+    n_groups: int  # groups of two or more images
+    largest: int  # images in the largest group (1 when none)
+    largest_example: str  # a path of the largest group
+    unmatched: list[str]  # paths group_pattern did not match (each its own group)
+
+
+def group_images(good: list[_Candidate], hashes: list[int], params: DataParams) -> Grouping:
+    """Join related images (same ``data.group_pattern`` capture, pHash within ``data.group_hash_bits``)
+    into groups, transitively → each image's group key.
+
+    A group's key is the smallest captured text among its images, else the smallest path inside a
+    class folder; an image alone keys on its own path (so a folder without related images splits
+    as before grouping existed).
+    """
+    n = len(good)
+    captures: list[Optional[str]] = [None] * n
+    unmatched: list[str] = []
+    edges = [near_copy_edges(np.array(hashes, dtype=np.uint64), params.group_hash_bits)]
+    if params.group_pattern is not None:
+        rx = re.compile(params.group_pattern)
+        first: dict[str, int] = {}
+        links = []
+        for i, c in enumerate(good):
+            m = rx.search(c.path)
+            if m is None or not m.group(1):
+                unmatched.append(c.path)
+                continue
+            captures[i] = m.group(1)
+            links.append((i, first.setdefault(m.group(1), i)))
+        edges.append(np.array(links, dtype=np.int64).reshape(-1, 2))
+    label = components(n, np.concatenate(edges)) if n else np.zeros(0, np.int64)
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(label.tolist()):
+        members.setdefault(g, []).append(i)
+    keys = [c.split_key for c in good]
+    member_of = [""] * n
+    largest, example, n_groups = 1, "", 0
+    for idx in members.values():
+        caps = [captures[i] for i in idx if captures[i] is not None]
+        if len(idx) == 1 and not caps:
+            continue
+        key = min(caps) if caps else min(good[i].split_key for i in idx)
+        for i in idx:
+            keys[i] = key
+        if len(idx) > 1:
+            n_groups += 1
+            for i in idx:
+                member_of[i] = key
+            if len(idx) > largest:
+                largest, example = len(idx), min(good[i].path for i in idx)
+    return Grouping(keys, member_of, n_groups, largest, example, unmatched)
+
+
+def _split(good: list[_Candidate], keys: list[str], presplit: bool, separate_test: bool,
+           params: DataParams) -> list[str]:
+    """Each usable image's split: its folder's (pre-split layout, data.test_dir), else its group key's hash."""
+    out = []
+    for c, key in zip(good, keys):
+        if c.given_split == "test" or (presplit and c.given_split == "val"):
             split = c.given_split
-            if split == "train" and not (raw_dir / "test").is_dir():
-                split = "test" if hash_fraction(params.seed, c.split_key) < params.test_fraction else "train"
+        elif presplit:
+            carve = not separate_test and hash_fraction(params.seed, key) < params.test_fraction
+            split = "test" if carve else "train"
+        elif separate_test:
+            split = "val" if hash_fraction(params.seed, key) < params.val_fraction else "train"
         else:
-            split = assign_split(params.seed, c.split_key, params.val_fraction, params.test_fraction)
-        items.append(Item(c.path, c.label, split))
-    order = {s: i for i, s in enumerate(SPLITS)}
-    items.sort(key=lambda it: (order[it.split], it.label, it.path))
-    return items
+            split = assign_split(params.seed, key, params.val_fraction, params.test_fraction)
+        out.append(split)
+    return out
 
 
-def _check_every_split(raw_dir: Path, classes: list[str], items: list[Item], params: DataParams) -> None:
+def _report_groups(grouping: Grouping, good: list[_Candidate], splits: list[str], params: DataParams,
+                   keys_alone: list[str], presplit: bool, separate_test: bool) -> int:
+    """Log what the grouping did → images whose split differs from the one their own path would get."""
+    if params.group_pattern is not None:
+        n_un = len(grouping.unmatched)
+        log.info("data.group_pattern matched %d of %d images", len(good) - n_un, len(good))
+        if n_un:
+            log.warning("data.group_pattern %r did not match %d image(s), each its own group (e.g. %s); fix the "
+                        "pattern if they belong to groups", params.group_pattern, n_un,
+                        ", ".join(grouping.unmatched[:3]))
+    alone = _split(good, keys_alone, presplit, separate_test, params)
+    moved = sum(a != b for a, b in zip(alone, splits))
+    if grouping.n_groups:
+        log.info("groups: %d image(s) in %d group(s) of 2 or more (largest: %d images, with %s); %d image(s) "
+                 "follow their group's split instead of their own", sum(1 for m in grouping.member_of if m),
+                 grouping.n_groups, grouping.largest, grouping.largest_example, moved)
+    else:
+        log.info("groups: none (no data.group_pattern matches shared, no near-copies within %d bits)",
+                 params.group_hash_bits)
+    return moved
+
+
+def _cross_split_near_copies(good: list[_Candidate], hashes: list[int], splits: list[str],
+                             bits: int) -> int:
+    """Images of a given (not hashed) split with a near-copy in another split, warned about → their number."""
+    if bits < 0:
+        return 0
+    pairs = near_pairs(np.array(hashes, dtype=np.uint64), bits)
+    cross = pairs[[splits[i] != splits[j] for i, j in pairs]] if len(pairs) else pairs
+    flagged = sorted({int(k) for pair in cross for k in pair if good[k].given_split is not None})
+    if flagged:
+        ex = ", ".join(f"{good[i].path} ({splits[i]})" for i in flagged[:3])
+        log.warning("%d image(s) of a split you gave (a test/ or val/ folder, data.test_dir) have a near-copy "
+                    "(pHash within %d bits) in another split, which no grouping can move: e.g. %s. The test "
+                    "metrics of such images measure memory; exclude one of each pair (data/exclude.txt)",
+                    len(flagged), bits, ex)
+    return len(flagged)
+
+
+def _check_every_split(raw_dir: Path, classes: list[str], items: list[Item], params: DataParams,
+                       separate_test: bool, test_dir: Optional[Path]) -> None:
     """Every class has an image in every split (test only when one is asked for)."""
     counts = Counter((it.split, it.label) for it in items)
     for label in classes:
         for split in SPLITS:
-            if split == "test" and params.test_fraction == 0 and not (raw_dir / "test").is_dir():
+            if split == "test" and params.test_fraction == 0 and not separate_test:
                 continue
             if counts[(split, label)] == 0:
                 total = sum(counts[(s, label)] for s in SPLITS)
+                if split == "test" and test_dir is not None:
+                    raise DatasetError(f"class {label!r} has no usable image in data.test_dir {test_dir}; add test "
+                                       f"images to {test_dir / label}")
+                groups = " or data.group_pattern / data.group_hash_bits (a group takes one split whole)" \
+                    if params.group_pattern is not None or params.group_hash_bits >= 0 else ""
                 raise DatasetError(
                     f"class {label!r} has no {split} image ({total} usable image(s) in all under {raw_dir}); add "
-                    "images to that class folder or change data.val_fraction / data.test_fraction / data.seed"
+                    f"images to that class folder or change data.val_fraction / data.test_fraction / data.seed{groups}"
                 )
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """What :func:`scan` found: class names, manifest items (sorted), quarantine entries, the grouping."""
+
+    classes: list[str]
+    items: list[Item]
+    report: list[Quarantined]
+    grouping: Grouping
+    moved_by_groups: int  # images whose split follows their group's instead of their own path's
+    given_split_near_copies: int  # images of a given split with a near-copy in another split
+
+
 def scan(raw_dir: Path, params: DataParams, workers: Optional[int] = None,
-         quarantine: Optional[Path] = None,
-         exclude: Optional[Path] = None) -> tuple[list[str], list[Item], list[Quarantined]]:
-    """Walk, check and split ``raw_dir`` → (class names, manifest items, quarantine entries).
+         quarantine: Optional[Path] = None, exclude: Optional[Path] = None,
+         test_dir: Optional[Path] = None) -> Prepared:
+    """Walk, check, group and split ``raw_dir`` (and ``test_dir``, the test split when it has class folders).
 
     Items are sorted by split, class, path; quarantine entries by path. When ``quarantine`` is
     given the report is written there before any check can fail, so a failed run still says
@@ -310,27 +468,50 @@ def scan(raw_dir: Path, params: DataParams, workers: Optional[int] = None,
     """
     entries = read_exclude_list(exclude) if exclude is not None else []
     classes, cands, sc, presplit = _scan_files(raw_dir)
+    test_cands = _scan_test_dir(test_dir, raw_dir, classes, sc) if test_dir is not None else []
+    if test_cands and presplit and (raw_dir / "test").is_dir():
+        raise DatasetError(f"two test sets: {raw_dir / 'test'} and data.test_dir {test_dir}; keep one (move the "
+                           "images of one into the other, or point data.test_dir at a folder without class folders)")
     cands, excluded = apply_exclude_list(cands, entries, exclude)
-    reasons = check_images(raw_dir, [c.path for c in cands], params.max_image_pixels, workers)
-    good = [c for c, r in zip(cands, reasons) if not r]
+    cands += test_cands
+    checked = check_images(raw_dir, [c.path for c in cands], params.max_image_pixels, workers)
+    good = [c for c, (r, _) in zip(cands, checked) if not r]
+    hashes = [h for r, h in checked if not r]
     report = sorted(sc.quarantined + excluded + [Quarantined(printable(c.path), "rejected", r)
-                                                 for c, r in zip(cands, reasons) if r], key=lambda q: q.path)
+                                                 for c, (r, _) in zip(cands, checked) if r], key=lambda q: q.path)
     rejected = [q for q in report if q.kind == "rejected"]
     where = _report(raw_dir, report, len(good) + len(rejected), len(good), quarantine)
-    _check_usable(raw_dir, classes, good, Counter(c.label for c, r in zip(cands, reasons) if r), rejected, where,
-                  params)
-    items = _split(raw_dir, good, presplit, params)
-    _check_every_split(raw_dir, classes, items, params)
-    return classes, items, report
+    _check_usable(raw_dir, classes, good, Counter(c.label for c, (r, _) in zip(cands, checked) if r), rejected,
+                  where, params)
+    separate_test = bool(test_cands) or (presplit and (raw_dir / "test").is_dir())
+    # Images of a given split are never moved, so they take no part in the grouping (their
+    # near-copies across splits are counted below instead).
+    free = [i for i, c in enumerate(good) if c.given_split in (None, "train")]
+    grouping = group_images([good[i] for i in free], [hashes[i] for i in free], params)
+    keys = [c.split_key for c in good]
+    member_of = [""] * len(good)
+    for k, i in enumerate(free):
+        keys[i], member_of[i] = grouping.keys[k], grouping.member_of[k]
+    splits = _split(good, keys, presplit, separate_test, params)
+    moved = _report_groups(grouping, [good[i] for i in free], [splits[i] for i in free], params,
+                           [good[i].split_key for i in free], presplit, separate_test)
+    given = _cross_split_near_copies(good, hashes, splits, params.group_hash_bits) \
+        if presplit or test_cands else 0
+    items = [Item(c.path, c.label, sp, to_hex(h), g) for c, sp, h, g in zip(good, splits, hashes, member_of)]
+    order = {s: i for i, s in enumerate(SPLITS)}
+    items.sort(key=lambda it: (order[it.split], it.label, it.path))
+    _check_every_split(raw_dir, classes, items, params, separate_test, test_dir if test_cands else None)
+    return Prepared(classes, items, report, grouping, moved, given)
 
 
 def run(*, raw_dir: Path, manifest: Path, classes_out: Path, params: DataParams,
         quarantine: Optional[Path] = None, workers: Optional[int] = None,
-        exclude: Optional[Path] = None) -> list[Item]:
-    """Scan, check, split; write the manifest CSV (path, label, split), the class list JSON and
-    (when given) the quarantine report CSV (path, kind, reason). ``exclude``: the exclude list whose
-    files are left out. Returns the manifest items."""
-    classes, items, _ = scan(raw_dir, params, workers, quarantine, exclude)
+        exclude: Optional[Path] = None, test_dir: Optional[Path] = None) -> list[Item]:
+    """Scan, check, group, split; write the manifest CSV (path, label, split, phash, group), the class
+    list JSON and (when given) the quarantine report CSV (path, kind, reason). ``exclude``: the exclude
+    list whose files are left out; ``test_dir``: data.test_dir. Returns the manifest items."""
+    found = scan(raw_dir, params, workers, quarantine, exclude, test_dir)
+    classes, items = found.classes, found.items
     write_manifest(manifest, items)
     counts = {s: {c: sum(1 for it in items if it.split == s and it.label == c) for c in classes} for s in SPLITS}
     write_json(classes_out, {"classes": classes, "counts": counts})
@@ -348,13 +529,15 @@ def main(argv: list[str] | None = None) -> None:
                     help="CSV report of every file not in the manifest (path, kind, reason)")
     ap.add_argument("--exclude", type=Path, default=None,
                     help="exclude list: files (or folders) relative to --raw-dir to leave out, one per line")
+    ap.add_argument("--test-dir", type=Path, default=None,
+                    help="data.test_dir: its class folders' images are the test split (none: no class folders)")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
     setup_logging()
     with user_errors():
         params = load_params(args.params, "prepare", PARAMS)
         run(raw_dir=args.raw_dir, manifest=args.manifest, classes_out=args.classes, params=params.data,
-            quarantine=args.quarantine, exclude=args.exclude)
+            quarantine=args.quarantine, exclude=args.exclude, test_dir=args.test_dir)
 
 
 if __name__ == "__main__":

@@ -244,6 +244,7 @@ def new_tiny_project(proj: Path, remote: Optional[Path] = None) -> Path:
     shutil.copytree(ROOT / "pipeline", proj / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     make_images(proj / "data" / "raw", per_class=12)
     shutil.copy(ROOT / "data" / "exclude.txt", proj / "data" / "exclude.txt")
+    shutil.copytree(ROOT / "data" / "test", proj / "data" / "test")  # the default data.test_dir: a README only
     (proj / "params.yaml").write_text(yaml.safe_dump(tiny_params("data/raw")))
     # The project's ignore files: its generated outputs and local caches stay out of git and DVC.
     shutil.copy(ROOT / ".gitignore", proj / ".gitignore")

@@ -15,6 +15,7 @@ import pytest
 from conftest import as_params, make_images, tiny_params
 
 from pipeline import audit, prepare
+from pipeline.core.manifest import HEADER as MANIFEST_HEADER
 from pipeline.core.manifest import SPLITS, read_manifest
 from pipeline.extraction.features import create_feature_file
 
@@ -46,7 +47,7 @@ def _features(tmp_path, n_views=2, seed=0):
                 r["label"] = "square"
             rows.append(r)
     with open(work / "manifest.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, ["path", "label", "split"])
+        w = csv.DictWriter(fh, MANIFEST_HEADER)
         w.writeheader()
         w.writerows(rows)
     paths = {}

@@ -43,7 +43,8 @@ def run_pipeline(raw: Path, out: Path, raw_params: dict) -> None:
     finetune.run(raw_dir=raw, manifest=manifest, classes_json=classes, val_features=feats["val"],
                  head_path=out / "head.keras", model_out=out / "model.keras", history_out=out / "finetune_history.csv",
                  metrics_out=out / "finetune_metrics.json", params=params, checkpoint=out / "ckpt.h5")
-    evaluate.run(raw_dir=raw, classes_json=classes, test_features=feats["test"], head_path=out / "head.keras",
+    evaluate.run(raw_dir=raw, manifest=manifest,
+                 classes_json=classes, test_features=feats["test"], head_path=out / "head.keras",
                  model_path=out / "model.keras", metrics_out=out / "metrics.json", per_class_out=out / "per_class.json",
                  plots_dir=out / "plots", mistakes_out=out / "mistakes.png", params=params)
 

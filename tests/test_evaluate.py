@@ -11,6 +11,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from pipeline import evaluate, finetune
+from pipeline.core.io import PipelineError
 from pipeline.data.images import load_batch, load_image
 from pipeline.extraction.features import read_features
 from pipeline.models.calibration import apply_temperature
@@ -119,11 +120,13 @@ def test_head_and_finetune_fit_their_own_temperatures_and_evaluate_reports_them(
                                                  meta["temperature"]), atol=1e-5)
 
     plots = out / "plots"
-    report = evaluate.run(raw_dir=raw, classes_json=out / "classes.json", test_features=feats["test"],
+    report = evaluate.run(raw_dir=raw, manifest=out / "manifest.csv",
+                          classes_json=out / "classes.json", test_features=feats["test"],
                           head_path=out / "head.keras", model_path=out / "model.keras",
                           metrics_out=out / "metrics.json", per_class_out=out / "pc.json", plots_dir=plots,
                           mistakes_out=out / "mistakes.png", params=params)
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_near_copies_of_train"] == 0  # prepare kept near-copies in one split
     for name, t in (("head", head_meta["temperature"]), ("finetuned", meta["temperature"])):
         m = metrics[name]
         assert m["temperature"] == t
@@ -138,3 +141,20 @@ def test_head_and_finetune_fit_their_own_temperatures_and_evaluate_reports_them(
         assert cov[0] == "min_confidence,coverage,accuracy,n" and cov[1].startswith("0.0,1.0,")
     assert report["head"]["n"] == len(read_features(feats["test"]).labels)
     assert json.loads((out / "pc.json").read_text())["tta_views"] == ["original", "hflip"]
+
+
+def test_test_near_copies_of_train_counts_test_images_close_to_a_train_or_val_image(tmp_path):
+    from pipeline.core.manifest import Item, write_manifest
+
+    h = 0x0123456789ABCDEF
+    items = [Item("a/1.png", "a", "train", f"{h:016x}"), Item("a/2.png", "a", "val", f"{h ^ 0xFF00:016x}"),
+             Item("a/3.png", "a", "test", f"{h ^ 0b111:016x}"),  # 3 bits from the train image
+             Item("a/4.png", "a", "test", f"{h ^ 0xF0F0F0:016x}"),  # 12 bits from both
+             Item("a/5.png", "a", "test", f"{h ^ 0b111:016x}")]  # a copy of a test image only counts once
+    write_manifest(tmp_path / "m.csv", items)
+    assert evaluate.near_copies_of_train(tmp_path / "m.csv", 4) == (2, ["a/3.png", "a/5.png"])
+    assert evaluate.near_copies_of_train(tmp_path / "m.csv", 2)[0] == 0
+    assert evaluate.near_copies_of_train(tmp_path / "m.csv", 16)[0] == 3
+    write_manifest(tmp_path / "old.csv", [Item("a/1.png", "a", "train")])
+    with pytest.raises(PipelineError, match=r"old.csv has no perceptual hashes.*dvc repro prepare"):
+        evaluate.near_copies_of_train(tmp_path / "old.csv", 4)

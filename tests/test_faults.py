@@ -97,7 +97,8 @@ class Project:
                             params=params or self.params, checkpoint=checkpoint)
 
     def evaluate(self, out: Path, model: Path | None = None) -> dict:
-        return evaluate.run(raw_dir=self.raw, classes_json=self.classes, test_features=self.feats["test"],
+        return evaluate.run(raw_dir=self.raw, manifest=self.manifest,
+                            classes_json=self.classes, test_features=self.feats["test"],
                             head_path=self.head, model_path=model or self.model, metrics_out=out / "metrics.json",
                             per_class_out=out / "per_class.json", plots_dir=out / "plots",
                             mistakes_out=out / "mistakes.png", params=self.params)
@@ -327,7 +328,8 @@ def test_output_folder_that_is_a_file_fails_cleanly(tmp_path):
 def test_features_from_other_params_are_refused_naming_the_difference(project, tmp_path):
     other = as_params(tiny_params(str(project.raw), **{"backbone.pooling": "max"}))
     with pytest.raises(ProvenanceError, match=r"pooling: artifact has 'avg', params give 'max'.*dvc repro"):
-        evaluate.run(raw_dir=project.raw, classes_json=project.classes, test_features=project.feats["test"],
+        evaluate.run(raw_dir=project.raw, manifest=project.manifest,
+                     classes_json=project.classes, test_features=project.feats["test"],
                      head_path=project.head, model_path=project.model, metrics_out=tmp_path / "m.json",
                      per_class_out=tmp_path / "pc.json", plots_dir=tmp_path / "plots",
                      mistakes_out=tmp_path / "mis.png", params=other)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from conftest import ROOT
 from sklearn.metrics import log_loss
 
@@ -219,6 +220,59 @@ def test_missing_or_mismatched_export_says_which_command_makes_it(tiny_dvc_proje
     with pytest.raises(PipelineError, match="is not the file .* describes.*dvc repro export"):
         run(inputs=[image], model_path=tmp_path / "models" / "model.onnx", out=tmp_path / "x.csv", progress=False)
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_in_a_clone_whose_dvc_lock_records_the_model_the_error_says_dvc_pull(tiny_dvc_project: Path,
+                                                                           tmp_path: Path):
+    """A fresh clone has dvc.lock but not the DVC-tracked model: it is one `dvc pull` away, not a re-run."""
+    image = next((tiny_dvc_project / "data" / "raw" / "square").glob("*.png"))
+    clone = tmp_path / "clone"
+    (clone / "models").mkdir(parents=True)
+    shutil.copy(tiny_dvc_project / "dvc.lock", clone / "dvc.lock")
+    proc = _predict_cli(clone, str(image))
+    err = [line for line in proc.stderr.splitlines() if "ERROR" in line]
+    assert proc.returncode == 1 and len(err) == 1, proc.stderr
+    assert "`dvc pull models/model.onnx models/serving.json`" in err[0] and "dvc.lock records it" in err[0]
+
+
+def _png_declaring(path: Path, width: int, height: int) -> Path:
+    """A valid-looking PNG of a few hundred bytes whose header declares ``width`` x ``height`` RGB pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 4096))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_decompression_bomb_is_refused_before_decoding_at_the_trained_limit(tiny_dvc_project: Path,
+                                                                              tmp_path: Path):
+    proj = tiny_dvc_project
+    meta = json.loads((proj / "models" / "serving.json").read_text())
+    assert meta["max_image_pixels"] == yaml.safe_load((proj / "params.yaml").read_text())["data"]["max_image_pixels"]
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    good = shutil.copy(next((proj / "data" / "raw" / "circle").glob("*.png")), folder / "good.png")
+    bomb = _png_declaring(folder / "bomb.png", 20_000, 20_000)
+    assert bomb.stat().st_size < 1000
+    out = tmp_path / "p.csv"
+    proc = _predict_cli(proj, str(folder), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {Path(r["path"]).name: r for r in _read_csv(out)}
+    assert rows["good.png"]["error"] == "" and rows["good.png"]["predicted_class"]
+    assert "20000x20000 = 400,000,000 pixels is above --max-pixels = " in rows["bomb.png"]["error"]
+    assert rows["bomb.png"]["predicted_class"] == ""
+    # --max-pixels overrides the recorded limit: here below the 48 x 48 px good image too.
+    preds = run(inputs=[good, bomb], model_path=proj / "models" / "model.onnx", out=tmp_path / "q.csv",
+                progress=False, max_pixels=1000)
+    assert all(p.probs is None and "above --max-pixels = 1,000" in p.error for p in preds)
+    # A limit below 1 is a usage error, not "no limit".
+    proc = _predict_cli(proj, str(good), "--max-pixels", "0")
+    assert proc.returncode == 2 and "--max-pixels must be >= 1" in proc.stderr
 
 
 def test_refuses_the_feature_head_and_missing_inputs(tiny_dvc_project: Path, tmp_path: Path):

@@ -49,7 +49,8 @@ def _evaluate(raw, params, feats, out: Path, epochs: int, run: str = ""):
     finetune.run(raw_dir=raw, manifest=out / "manifest.csv", classes_json=out / "classes.json",
                  val_features=feats["val"], head_path=out / "head.keras", model_out=dest / "model.keras",
                  history_out=dest / "ft_history.csv", metrics_out=dest / "ft_metrics.json", params=params)
-    report = evaluate.run(raw_dir=raw, classes_json=out / "classes.json", test_features=feats["test"],
+    report = evaluate.run(raw_dir=raw, manifest=out / "manifest.csv",
+                          classes_json=out / "classes.json", test_features=feats["test"],
                           head_path=out / "head.keras", model_path=dest / "model.keras",
                           metrics_out=dest / "metrics.json", per_class_out=dest / "per_class.json",
                           plots_dir=dest / "plots", mistakes_out=dest / "mistakes.png", params=params)

@@ -118,7 +118,7 @@ def test_evaluate_and_predict_on_either_engine_give_the_same_metrics(tiny_dvc_pr
     params = as_params({**tiny_params("data/raw"), "evaluate": {"batch_size": 5, "n_mistakes": 4,
                                                                 "engine": "tensorflow"}})
     p = proj / "data" / "prepared"
-    evaluate.run(raw_dir=proj / "data" / "raw", classes_json=p / "classes.json",
+    evaluate.run(raw_dir=proj / "data" / "raw", manifest=p / "manifest.csv", classes_json=p / "classes.json",
                  test_features=proj / "features" / "test.h5", head_path=proj / "models" / "head.keras",
                  model_path=proj / "models" / "model.keras", metrics_out=tmp_path / "metrics.json",
                  per_class_out=tmp_path / "per_class.json", plots_dir=tmp_path / "plots",

@@ -65,9 +65,29 @@ class DataParams:
     max_rejected_fraction: float = field(default=0.05, metadata=_range(0.0, 1.0))
     min_images_per_class: int = field(default=5, metadata=_range(1, None))
     max_image_pixels: int = field(default=100_000_000, metadata=_range(1, None))
+    # Related images that must share a split: a regex with one capture group over each image's path
+    # relative to raw_dir (null: none), and pHash near-copies within this many bits (-1: off).
+    group_pattern: Optional[str] = None
+    group_hash_bits: int = field(default=4, metadata=_range(-1, 32))
+    # A folder with the same class sub-folders whose images are the test split; raw_dir is then split
+    # into train and val only. A folder without class sub-folders (the default's README only) = none.
+    test_dir: str = "data/test"
 
     def __post_init__(self) -> None:
         check_shell_path("data.raw_dir", self.raw_dir)
+        check_shell_path("data.test_dir", self.test_dir)
+        if self.group_pattern is not None:
+            try:
+                groups = re.compile(self.group_pattern).groups
+            except re.error as exc:
+                raise ParamsError(f"data.group_pattern: {self.group_pattern!r} is not a regular expression ({exc}); "
+                                  "write one with one capture group, e.g. '^[^/]+/(.+)_frame' (null: no groups)"
+                                  ) from None
+            if groups != 1:
+                raise ParamsError(
+                    f"data.group_pattern: {self.group_pattern!r} has {groups} capture groups; it needs exactly one, "
+                    "the part of the path that names the group (use (?:...) for other parentheses), e.g. "
+                    "'^[^/]+/(patient\\d+)_' (null: no groups)")
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ParamsError(
                 f"data.val_fraction + data.test_fraction = {self.val_fraction + self.test_fraction} "

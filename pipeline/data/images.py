@@ -25,10 +25,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 RESAMPLE = Image.Resampling.BILINEAR
 
 # Pillow's own decompression-bomb guard (a warning above 89 Mpx, an error above 179 Mpx) is
-# replaced by the explicit ``max_pixels`` of load_image: prepare enforces
-# ``data.max_image_pixels`` on every file, and later stages only read files prepare accepted.
-# With Pillow's guard left on, an image prepare accepted under a raised limit would crash
-# extract.
+# replaced by the explicit ``max_pixels`` of load_image, checked from the header before any
+# decode: prepare enforces ``data.max_image_pixels`` on every file, later stages only read files
+# prepare accepted, and predict, which meets untrusted files, enforces the limit the model was
+# trained under (``--max-pixels``). With Pillow's guard left on, an image prepare accepted under
+# a raised limit would crash extract.
 Image.MAX_IMAGE_PIXELS = None
 
 # 16-bit samples → 8-bit: 65535 / 257 = 255 exactly, so black and white stay black and white
@@ -100,7 +101,8 @@ def _open_error(path: str, exc: OSError) -> str:
     return f"cannot open: {exc.strerror or exc}"
 
 
-def load_image(path: str, size: int, max_pixels: Optional[int] = None) -> np.ndarray:
+def load_image(path: str, size: int, max_pixels: Optional[int] = None,
+               limit_name: str = "data.max_image_pixels") -> np.ndarray:
     """Decode ``path`` and resize it to a square ``(size, size, 3)`` uint8 RGB array.
 
     The image is squashed to the square (no crop), as Keras' ``image_dataset_from_directory``
@@ -108,7 +110,8 @@ def load_image(path: str, size: int, max_pixels: Optional[int] = None) -> np.nda
     WebP, TIFF and APNG use their first frame; alpha and colour-key transparency are
     composited over white; grayscale, palette, CMYK and 16-bit images become 8-bit RGB.
     ``max_pixels``: refuse an image whose header declares more pixels (checked before any
-    pixel is decoded, so a decompression bomb costs nothing); None = no limit.
+    pixel is decoded, so a decompression bomb costs nothing); None = no limit. ``limit_name``: the
+    setting the refusal tells the user to raise.
     Raises :class:`ImageDecodeError` (a ``ValueError``) naming the file and the reason.
     """
     try:
@@ -123,8 +126,8 @@ def load_image(path: str, size: int, max_pixels: Optional[int] = None) -> np.nda
             w, h = img.size
             if max_pixels is not None and w * h > max_pixels:
                 raise ImageDecodeError(
-                    path, f"{w}x{h} = {w * h:,} pixels is above data.max_image_pixels = {max_pixels:,} (a "
-                          "decompression bomb guard); downscale the image or raise data.max_image_pixels")
+                    path, f"{w}x{h} = {w * h:,} pixels is above {limit_name} = {max_pixels:,} (a decompression "
+                          f"bomb guard); downscale the image or raise {limit_name}")
             img.seek(0)
             # JPEG only: let libjpeg decode at 1/2, 1/4 or 1/8 scale while the result stays
             # >= size on both sides. A 12-megapixel photo then decodes ~10x faster, and the

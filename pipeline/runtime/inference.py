@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -63,23 +64,33 @@ def compile_uint8(model: "keras.Model", size: int, batch_size: int) -> Infer:
     return infer
 
 
-def _decode(path: str, size: int, tolerant: bool) -> tuple[Optional[np.ndarray], str]:
+@dataclass(frozen=True)
+class PixelLimit:
+    """Refuse images whose header declares more than ``pixels`` pixels; ``name`` is the setting that raises it."""
+
+    pixels: int
+    name: str
+
+
+def _decode(path: str, size: int, tolerant: bool | PixelLimit) -> tuple[Optional[np.ndarray], str]:
     if not tolerant:
         return load_image(path, size), ""
+    limit = tolerant if isinstance(tolerant, PixelLimit) else None
     try:
-        return load_image(path, size), ""
+        return load_image(path, size, *((limit.pixels, limit.name) if limit else ())), ""
     except ValueError as exc:  # load_image wraps every decoding failure in ImageDecodeError
         return None, str(exc)
     except Exception as exc:  # anything else about one file (permissions, vanished, …) must not end the run
         return None, f"{type(exc).__name__}: {exc}"
 
 
-def batched_images(paths: Sequence[str], size: int, batch_size: int, tolerant: bool = False,
+def batched_images(paths: Sequence[str], size: int, batch_size: int, tolerant: bool | PixelLimit = False,
                    desc: str = "decode", progress: bool = True) -> Iterator[tuple[np.ndarray, list[str]]]:
     """For consecutive batches of ``paths``: (``(M, size, size, 3)`` uint8 images that decoded, one error per path).
 
     ``tolerant=False``: a file that does not decode raises (prepare checked every file, so that
-    means it changed since); ``True``: it gets its error and the run goes on (predict).
+    means it changed since); ``True``: it gets its error and the run goes on; a :class:`PixelLimit`:
+    that too, and a file whose header declares more pixels is refused undecoded (predict).
     """
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, file=sys.stderr) as bar:
         for decoded in decode_ahead(paths, batch_size, lambda p: _decode(p, size, tolerant)):
@@ -88,8 +99,9 @@ def batched_images(paths: Sequence[str], size: int, batch_size: int, tolerant: b
             yield (np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)), [e for _, e in decoded]
 
 
-def batched_outputs(infer: Infer, paths: Sequence[str], size: int, batch_size: int, tolerant: bool = False,
-                    desc: str = "infer", progress: bool = True) -> Iterator[tuple[np.ndarray, list[str]]]:
+def batched_outputs(infer: Infer, paths: Sequence[str], size: int, batch_size: int,
+                    tolerant: bool | PixelLimit = False, desc: str = "infer",
+                    progress: bool = True) -> Iterator[tuple[np.ndarray, list[str]]]:
     """For consecutive batches of ``paths``: (outputs of the images that decoded, one error per path).
 
     ``outputs`` is ``(M, ...)`` float32 for the ``M`` paths whose error is ``""``, in order; ``tolerant``
