@@ -178,14 +178,15 @@ def score_one(name: str, work: Path, overrides: list[str], tag: str = "") -> dic
     n = len(flips)
     top = set(np.argsort(res.quality, kind="stable")[:2 * n].tolist())
     flagged = set(res.label_issues.tolist())
+    likely = {i for i in flagged if res.quality[i] <= audit.LIKELY_MAX_PROBABILITY}
     planted_pairs = {frozenset((d["copy"], d["original"])) for d in planted["dups"]}
     cross = [(pool.paths[i], pool.paths[j]) for i, j, *_ in res.pairs if pool.splits[i] != pool.splits[j]]
     found = [frozenset(p) for p in cross if frozenset(p) in planted_pairs]
     # A planted pair's similarity, found or not (what the threshold has to clear).
     unit = audit.unit_rows(pool.features)
     sims = sorted(float(unit[row[d["copy"]]] @ unit[row[d["original"]]]) for d in planted["dups"])
-    h = {q: v for d in planted["dups"] for q, v in
-         zip((d["copy"], d["original"]), audit.perceptual_hashes(raw_dir, [d["copy"], d["original"]], False))}
+    hashes = audit.manifest_hashes(work / "manifest.csv", pool)  # prepare's, as the audit reads them
+    h = {q: hashes[row[q]] for d in planted["dups"] for q in (d["copy"], d["original"])}
     hash_bits = sorted(int(np.bitwise_count(h[d["copy"]] ^ h[d["original"]])) for d in planted["dups"])
     by_split = Counter(pool.splits[i] for i in flips)
     result = {
@@ -195,6 +196,7 @@ def score_one(name: str, work: Path, overrides: list[str], tag: str = "") -> dic
         "precision_top_2n": len(top & flips) / (2 * n),
         "flagged": len(flagged), "flips_flagged": len(flagged & flips), "recall_flagged": len(flagged & flips) / n,
         "precision_flagged": len(flagged & flips) / max(1, len(flagged)),
+        "likely_flagged": len(likely), "likely_flips": len(likely & flips),
         "planted_dups": len(planted_pairs), "dups_found": len(found), "dup_recall": len(found) / len(planted_pairs),
         "cross_split_pairs": len(cross), "false_cross_pairs": len(cross) - len(found),
         "planted_pair_similarity_min": round(sims[0], 4), "planted_pair_hash_bits": hash_bits,
@@ -214,13 +216,14 @@ def cmd_score(args: argparse.Namespace) -> None:
     results = [score_one(name, args.work / name, args.overrides, args.tag) for name in args.datasets]
     print(f"\noverrides: {' '.join(args.overrides) or '(params.yaml defaults)'}")
     print("| data (images) | flips planted | in top 2N (recall) | flagged: recall / precision | "
-          "dups planted | found (recall) | false cross-split pairs | min planted-pair similarity | "
-          "max planted-pair hash bits | audit s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "likely: flips / flagged | dups planted | found (recall) | false cross-split pairs | "
+          "min planted-pair similarity | max planted-pair hash bits | audit s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['dataset']} ({r['images']}) | {r['planted_flips']} | {r['flips_in_top_2n']} "
               f"({r['recall_top_2n']:.0%}) | {r['recall_flagged']:.0%} / {r['precision_flagged']:.0%} "
-              f"({r['flagged']} flagged) | {r['planted_dups']} | {r['dups_found']} ({r['dup_recall']:.0%}) | "
+              f"({r['flagged']} flagged) | {r['likely_flips']} / {r['likely_flagged']} | "
+              f"{r['planted_dups']} | {r['dups_found']} ({r['dup_recall']:.0%}) | "
               f"{r['false_cross_pairs']} | {r['planted_pair_similarity_min']:.4f} | "
               f"{max(r['planted_pair_hash_bits'])} | {r['audit_seconds']:.1f} |")
 

@@ -6,17 +6,27 @@ Four reports, every row naming the image path (relative to ``data.raw_dir``) and
   val, stratified, so every image is scored by a model that did not see it; test images by the
   mean of the k fold models, none of which saw them; features standardized), scored by cleanlab
   (:func:`cleanlab.filter.find_label_issues`, confident learning) → the images whose given label
-  the data contradict, most suspect first, with the label the model suggests. Each fold model is
-  trained on the cached augmented views of its training images too, and its prediction for a
-  train image is averaged over the image and its views (``audit.views``; val and test images
-  have no cached views and are scored on the image alone);
-- **near-duplicates**: pairs of images whose clean features have cosine similarity
-  ``>= audit.duplicate_threshold``, or whose perceptual hashes (:func:`imagehash.phash`, 64 bits
-  of the image's low-frequency DCT) differ in at most ``audit.duplicate_hash_bits`` bits, most
-  similar first; a pair in two splits is leakage (the test image was, in effect, trained on) and
-  is counted apart. The two signals fail differently: features see a resized or heavily
-  re-encoded copy of a busy photo as no closer than another photo of the same scene, while the
-  hash barely moves under either;
+  the data contradict, most suspect first, with the label the model suggests and a tier:
+  ``likely`` when the out-of-fold probability of the given label is at most
+  :data:`LIKELY_MAX_PROBABILITY`, else ``possible`` (on planted flips in three photo sets, 70-81 %
+  of the likely and 26-48 % of the possible ones were wrong labels). The fold models' out-of-fold
+  accuracy is reported with them: the weaker the features separate the classes, the more of the
+  flags are the features' confusions, and below :data:`WEAK_MODEL_ACCURACY` the log says so. Each
+  fold model is trained on the cached augmented views of its training images too, and its
+  prediction for a train image is averaged over the image and its views (``audit.views``; val
+  and test images have no cached views and are scored on the image alone);
+- **near-duplicates**: pairs of images far closer to each other than to the rest of their
+  neighbourhood. With d = 1 - cosine of the clean features and r_i image i's d to its
+  ``audit.duplicate_neighbors``-th nearest other image, a pair is flagged when
+  d <= ``audit.duplicate_ratio`` · min(r_i, r_j), or when their perceptual hashes (prepare's, in
+  the manifest: :mod:`pipeline.data.near_copies`) differ in at most ``audit.duplicate_hash_bits``
+  bits and d <= min(r_i, r_j) (each among the other's k nearest); most similar first. A pair in
+  two splits is leakage (the test image was, in effect, trained on) and is counted apart. The
+  rule is relative because an absolute cosine does not carry across datasets and backbones: the
+  demo's distinct synthetic images of one class sit above cosine 0.9 from each other. The two
+  signals fail differently: features see a resized or heavily re-encoded copy of a busy photo as
+  no closer than another photo of the same scene, while the hash barely moves under either, and
+  the hash is blind to a mirror image or a crop that the features still see;
 - **outliers**: images unlike any other image of the dataset, by cleanlab's
   :class:`cleanlab.outlier.OutOfDistribution` (mean cosine distance to the k nearest neighbours
   in feature space), flagged beyond Tukey's far-out fence of that distance;
@@ -38,7 +48,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import imagehash
 import numpy as np
 from joblib import Parallel, delayed
 from PIL import Image, ImageDraw, ImageFont
@@ -46,12 +55,12 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from threadpoolctl import threadpool_limits
-from tqdm import tqdm
 
 from pipeline.core.io import PipelineError, atomic_path, read_json, setup_logging, user_errors, write_csv, write_json
 from pipeline.core.manifest import SPLITS, read_manifest
 from pipeline.core.params import AuditParams, Params, load_params
 from pipeline.data.images import ImageDecodeError, load_image
+from pipeline.data.near_copies import from_hex
 from pipeline.extraction.features import FeatureSet, read_features
 
 log = logging.getLogger(__name__)
@@ -59,16 +68,20 @@ log = logging.getLogger(__name__)
 # The params this stage reads: exactly its `params:` in dvc.yaml (a test checks both agree).
 PARAMS = ("seed", "audit")
 
-LABEL_ISSUES_HEADER = ("path", "split", "given_label", "suggested_label", "score")
+LABEL_ISSUES_HEADER = ("path", "split", "given_label", "suggested_label", "score", "tier")
 DUPLICATES_HEADER = ("path_a", "path_b", "split_a", "split_b", "similarity", "hash_bits")
 OUTLIERS_HEADER = ("path", "split", "given_label", "score")
 IMBALANCE_HEADER = ("label", "train", "val", "test", "total", "train_share_of_largest", "flagged")
 
 # Rows of the similarity matrix computed at a time: a (BLOCK, N) float32 block, 16 MB at N = 4,000.
 BLOCK = 1024
-# Side of the square the images are decoded to for hashing (pHash resizes to 32 x 32 itself; 64
-# lets libjpeg decode at 1/8 scale).
-HASH_DECODE_SIZE = 64
+# A flagged label whose out-of-fold probability is at most this is a "likely" issue: on planted 5 %
+# flips in simpsons_dev, flower_photos and hymenoptera, 70 %, 81 % and 78 % of these were flips,
+# against 26-48 % of the other flagged images (docs/benchmarks/audit.md).
+LIKELY_MAX_PROBABILITY = 0.02
+# Out-of-fold accuracy below which the log warns that most flags are the features' confusions: the
+# demo's frozen features reach 0.75 and flag 70 of its 400 correctly labelled images.
+WEAK_MODEL_ACCURACY = 0.8
 
 
 @dataclass
@@ -218,23 +231,40 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.where(n > 0, n, 1.0)
 
 
-def near_duplicates(features: np.ndarray, threshold: float, hashes: np.ndarray | None = None,
-                    max_bits: int = -1) -> list[tuple[int, int, float, int]]:
-    """Pairs (i < j) whose cosine similarity is ``>= threshold``, or whose ``hashes`` (N,) uint64
-    differ in ``<= max_bits`` bits (``max_bits`` -1 or no hashes: similarity alone)
-    → [(i, j, similarity, differing bits or -1 without hashes)], most similar first.
+def kth_neighbor_distance(u: np.ndarray, k: int) -> np.ndarray:
+    """Each row's cosine distance to its ``k``-th nearest other row of the unit rows ``u`` (N, D) → (N,)."""
+    n = len(u)
+    k = max(1, min(k, n - 1))
+    out = np.full(n, np.inf, np.float32)
+    if n < 2:
+        return out
+    for a in range(0, n, BLOCK):
+        d = 1.0 - u[a:a + BLOCK] @ u.T
+        d[np.arange(len(d)), np.arange(a, a + len(d))] = np.inf  # not its own neighbour
+        out[a:a + BLOCK] = np.partition(d, k - 1, axis=1)[:, k - 1]
+    return out
 
-    Both (N, N) matrices are computed in row blocks, so memory is (BLOCK, N), not N².
+
+def near_duplicates(features: np.ndarray, neighbors: int, ratio: float, hashes: np.ndarray | None = None,
+                    max_bits: int = -1) -> list[tuple[int, int, float, int]]:
+    """Pairs (i < j) far closer than their neighbourhoods → [(i, j, cosine similarity, differing hash bits or -1
+    without hashes)], most similar first.
+
+    With d = 1 - cosine of ``features`` (N, D) and r the distance of each image to its ``neighbors``-th
+    nearest: d_ij <= ``ratio`` · min(r_i, r_j), or ``hashes`` (N,) uint64 within ``max_bits`` bits and
+    d_ij <= min(r_i, r_j). Two passes over row blocks (r, then pairs): memory (BLOCK, N), not N².
     """
     u = unit_rows(features.astype(np.float32))
+    r = kth_neighbor_distance(u, neighbors)
     use_hash = hashes is not None and max_bits >= 0
     pairs = []
     for a in range(0, len(u), BLOCK):
         sim = u[a:a + BLOCK] @ u.T
-        hit = sim >= threshold
+        dist, ref = 1.0 - sim, np.minimum(r[a:a + BLOCK, None], r[None, :])
+        hit = dist <= ratio * ref
         if use_hash:
             bits = np.bitwise_count(hashes[a:a + BLOCK, None] ^ hashes[None, :])
-            hit |= bits <= max_bits
+            hit |= (bits <= max_bits) & (dist <= ref)
         rows, cols = np.nonzero(hit)
         keep = cols > rows + a
         pairs += [(int(i + a), int(j), float(sim[i, j]), int(bits[i, j]) if use_hash else -1)
@@ -243,19 +273,14 @@ def near_duplicates(features: np.ndarray, threshold: float, hashes: np.ndarray |
     return pairs
 
 
-def perceptual_hashes(raw_dir: Path, paths: list[str], progress: bool = True) -> np.ndarray:
-    """64-bit pHash of every image (decoded by :func:`pipeline.data.images.load_image`, the one decoder)
-    → (N,) uint64."""
-    out = np.zeros(len(paths), np.uint64)
-    for k, rel in enumerate(tqdm(paths, desc="perceptual hashes", unit="img", disable=not progress)):
-        try:
-            img = Image.fromarray(load_image(str(raw_dir / rel), HASH_DECODE_SIZE))
-        except ImageDecodeError as exc:
-            raise PipelineError(f"{exc}; the audit decodes every image of the manifest: re-run `dvc repro prepare`"
-                                ) from exc
-        bits = imagehash.phash(img).hash.reshape(-1)
-        out[k] = int("".join("1" if b else "0" for b in bits), 2)
-    return out
+def manifest_hashes(manifest: Path, pool: Pool) -> np.ndarray:
+    """The perceptual hash prepare recorded for each pooled image → (N,) uint64."""
+    by_key = {(it.path, it.split): it.phash for it in read_manifest(manifest)}
+    texts = [by_key.get((q, s), "") for q, s in zip(pool.paths, pool.splits)]
+    if not all(texts):
+        raise PipelineError(f"{manifest} has no perceptual hashes (written before prepare recorded them); "
+                            "re-run `dvc repro prepare`")
+    return from_hex(texts)
 
 
 def outliers(features: np.ndarray, params: AuditParams) -> tuple[np.ndarray, np.ndarray]:
@@ -334,6 +359,43 @@ def _fit_text(draw: ImageDraw.ImageDraw, text: str, width: int, font: ImageFont.
     return "…" + text if keep_end else text + "…"
 
 
+@dataclass
+class _Findings:
+    """What the galleries show: flagged label rows with their tiers, suggested labels and scores (N,);
+    near-duplicate pairs and those across splits; outlier rows and scores (N,)."""
+
+    flagged: np.ndarray
+    tiers: list[str]
+    suggested: np.ndarray
+    quality: np.ndarray
+    pairs: list[tuple[int, int, float, int]]
+    cross: list[tuple[int, int, float, int]]
+    odd: np.ndarray
+    ood_scores: np.ndarray
+
+
+def _galleries(gallery_dir: Path, raw_dir: Path, n: int, classes: list[str], pool: Pool, f: _Findings) -> None:
+    """The three contact sheets, the first ``n`` rows of each: label issues, near-duplicate pairs (cross-split
+    first), outliers."""
+    flagged, tiers, suggested, quality = f.flagged, f.tiers, f.suggested, f.quality
+    cross, pairs, odd, ood_scores = f.cross, f.pairs, f.odd, f.ood_scores
+    contact_sheet(gallery_dir / "label_issues.png", raw_dir, [
+        ([pool.paths[i]], [(pool.paths[i], "black"), (f"{pool.splits[i]}, given: {classes[pool.labels[i]]}", "black"),
+                           (f"suggested: {classes[suggested[i]]}", "red"), (f"score {quality[i]:.4f}, {tier}", "red")])
+        for i, tier in zip(flagged[:n], tiers)], "no label issues found")
+    contact_sheet(gallery_dir / "near_duplicates.png", raw_dir, [
+        ([pool.paths[i], pool.paths[j]], [(pool.paths[i], "black"), (pool.paths[j], "black"),
+                                          (f"{pool.splits[i]} / {pool.splits[j]}, similarity {sim:.4f}"
+                                           + ("" if bits < 0 else f", hash {bits} bits"),
+                                           "red" if pool.splits[i] != pool.splits[j] else "black")])
+        for i, j, sim, bits in (cross + [t for t in pairs if pool.splits[t[0]] == pool.splits[t[1]]])[:n]],
+        "no near-duplicates found")
+    contact_sheet(gallery_dir / "outliers.png", raw_dir, [
+        ([pool.paths[i]], [(pool.paths[i], "black"), (f"{pool.splits[i]}, {classes[pool.labels[i]]}", "black"),
+                           (f"outlier score {ood_scores[i]:.3f}", "red")])
+        for i in odd[:n]], "no outliers found")
+
+
 def run(*, raw_dir: Path, manifest: Path, classes_json: Path, features: dict[str, Path], label_issues_out: Path,
         duplicates_out: Path, outliers_out: Path, imbalance_out: Path, metrics_out: Path, gallery_dir: Path,
         params: Params) -> AuditResult:
@@ -361,12 +423,13 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, features: dict[str
     probs, folds = out_of_fold_probs(pool, n_classes, p, params.seed)
     flagged, quality = label_issues(pool, probs)
     suggested = probs.argmax(1)
+    tiers = ["likely" if quality[i] <= LIKELY_MAX_PROBABILITY else "possible" for i in flagged]
     write_csv(label_issues_out, LABEL_ISSUES_HEADER, [
-        (pool.paths[i], pool.splits[i], classes[pool.labels[i]], classes[suggested[i]], round(float(quality[i]), 6))
-        for i in flagged])
+        (pool.paths[i], pool.splits[i], classes[pool.labels[i]], classes[suggested[i]], round(float(quality[i]), 6),
+         tier) for i, tier in zip(flagged, tiers)])
 
-    hashes = perceptual_hashes(raw_dir, pool.paths) if p.duplicate_hash_bits >= 0 else None
-    pairs = near_duplicates(pool.features, p.duplicate_threshold, hashes, p.duplicate_hash_bits)
+    hashes = manifest_hashes(manifest, pool) if p.duplicate_hash_bits >= 0 else None
+    pairs = near_duplicates(pool.features, p.duplicate_neighbors, p.duplicate_ratio, hashes, p.duplicate_hash_bits)
     write_csv(duplicates_out, DUPLICATES_HEADER, [
         (pool.paths[i], pool.paths[j], pool.splits[i], pool.splits[j], round(sim, 6), "" if bits < 0 else bits)
         for i, j, sim, bits in pairs])
@@ -379,29 +442,17 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, features: dict[str
     counts = imbalance(manifest, classes, p.imbalance_ratio)
     write_csv(imbalance_out, IMBALANCE_HEADER, counts)
 
-    n = p.gallery_size
-    contact_sheet(gallery_dir / "label_issues.png", raw_dir, [
-        ([pool.paths[i]], [(pool.paths[i], "black"), (f"{pool.splits[i]}, given: {classes[pool.labels[i]]}", "black"),
-                           (f"suggested: {classes[suggested[i]]}", "red"), (f"score {quality[i]:.4f}", "red")])
-        for i in flagged[:n]], "no label issues found")
-    contact_sheet(gallery_dir / "near_duplicates.png", raw_dir, [
-        ([pool.paths[i], pool.paths[j]], [(pool.paths[i], "black"), (pool.paths[j], "black"),
-                                          (f"{pool.splits[i]} / {pool.splits[j]}, similarity {sim:.4f}"
-                                           + ("" if bits < 0 else f", hash {bits} bits"),
-                                           "red" if pool.splits[i] != pool.splits[j] else "black")])
-        for i, j, sim, bits in (cross + [t for t in pairs if pool.splits[t[0]] == pool.splits[t[1]]])[:n]],
-        "no near-duplicates found")
-    contact_sheet(gallery_dir / "outliers.png", raw_dir, [
-        ([pool.paths[i]], [(pool.paths[i], "black"), (f"{pool.splits[i]}, {classes[pool.labels[i]]}", "black"),
-                           (f"outlier score {ood_scores[i]:.3f}", "red")])
-        for i in odd[:n]], "no outliers found")
+    _galleries(gallery_dir, raw_dir, p.gallery_size, classes, pool,
+               _Findings(flagged, tiers, suggested, quality, pairs, cross, odd, ood_scores))
 
     flagged_splits = Counter(pool.splits[i] for i in flagged)
+    oof = _oof_accuracy(pool, suggested)
     metrics = {
         "images": len(pool.paths),
         "folds": folds,
-        "out_of_fold_accuracy": round(_oof_accuracy(pool, suggested), 4),
+        "out_of_fold_accuracy": round(oof, 4),
         "label_issues": len(flagged),
+        "label_issues_likely": tiers.count("likely"),
         "label_issues_by_split": {s: flagged_splits[s] for s in SPLITS},
         "near_duplicate_pairs": len(pairs),
         "cross_split_duplicate_pairs": len(cross),
@@ -412,7 +463,20 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, features: dict[str
     log.info("audit of %d images in %.1fs: %d label issues, %d near-duplicate pairs (%d across splits), "
              "%d outliers, %d imbalanced classes", len(pool.paths), time.perf_counter() - t0, len(flagged),
              len(pairs), len(cross), len(odd), metrics["imbalanced_classes"])
+    _log_label_reliability(oof, len(flagged), tiers.count("likely"))
     return AuditResult(pool, probs, quality, flagged, pairs, odd, metrics)
+
+
+def _log_label_reliability(oof: float, flagged: int, likely: int) -> None:
+    """Say how far to trust the label issues: the tiers, and the fold models' out-of-fold accuracy."""
+    log.info("label issues: %d likely (given label's out-of-fold probability <= %s), %d possible; the fold models "
+             "get %.0f %% of train + val right out of fold", likely, LIKELY_MAX_PROBABILITY, flagged - likely,
+             100 * oof)
+    if oof < WEAK_MODEL_ACCURACY and flagged:
+        log.warning("the frozen features separate these classes poorly (out-of-fold accuracy %.2f < %s): most "
+                    "'possible' label issues are the features' confusions, not wrong labels. Review the 'likely' "
+                    "ones; for the rest, trust the fine-tuned model's mistakes (reports/mistakes.png) more",
+                    oof, WEAK_MODEL_ACCURACY)
 
 
 def _oof_accuracy(pool: Pool, suggested: np.ndarray) -> float:

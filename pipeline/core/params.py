@@ -219,10 +219,13 @@ class AuditParams:
     # Train the fold models on the cached augmented views too, and average a train image's
     # prediction over it and its views.
     views: bool = True
-    # Cosine similarity of the clean features at or above which two images are near-duplicates.
-    duplicate_threshold: float = field(default=0.9, metadata=_range(0.0, 1.0, lo_open=True))
-    # Two images whose 64-bit perceptual hashes (imagehash.phash) differ in at most this many bits
-    # are near-duplicates too, whatever their feature similarity; -1: off.
+    # Near-duplicates relative to each image's neighbourhood: a pair whose feature cosine distance is at
+    # most duplicate_ratio times the smaller of the two images' distances to their
+    # duplicate_neighbors-th nearest image.
+    duplicate_neighbors: int = field(default=10, metadata=_range(1, 1000))
+    duplicate_ratio: float = field(default=0.33, metadata=_range(0.0, 1.0, lo_open=True))
+    # ...or whose 64-bit perceptual hashes differ in at most this many bits while each image is among
+    # the other's duplicate_neighbors nearest; -1: off.
     duplicate_hash_bits: int = field(default=6, metadata=_range(-1, 64))
     # Neighbours of cleanlab's kNN out-of-distribution score.
     outlier_neighbors: int = field(default=10, metadata=_range(1, 1000))
