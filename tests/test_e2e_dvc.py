@@ -40,7 +40,7 @@ def test_repro_runs_every_stage_and_writes_metrics(tiny_dvc_run):
     audit = json.loads((proj / "reports" / "audit.json").read_text())
     assert audit["images"] == 36 and 0.0 <= audit["out_of_fold_accuracy"] <= 1.0
     header = (proj / "reports" / "audit" / "label_issues.csv").read_text().splitlines()[0]
-    assert header == "path,split,given_label,suggested_label,score"
+    assert header == "path,split,given_label,suggested_label,score,tier"
     assert (proj / "reports" / "audit" / "gallery" / "near_duplicates.png").stat().st_size > 0
     for f in ("features/train.h5", "features/val.h5", "features/test.h5", "models/head.keras", "models/model.keras"):
         assert (proj / f).is_file(), f
@@ -220,3 +220,24 @@ def test_dvc_exp_run_set_param_with_an_exponent_is_a_number(tmp_path, written):
     out = run_dvc(proj, "exp", "run", "-S", f"finetune.learning_rate={written}")
     assert ran_stages(out) == {"show_lr"}, out
     assert float((proj / "lr.txt").read_text()) == pytest.approx(float(written))
+
+
+def test_a_separate_test_folder_is_the_test_split_and_edits_in_it_rerun_its_stages(tiny_dvc_project, tmp_path):
+    """data.test_dir under real `dvc repro`: its images become the test split that extract, audit and evaluate
+    read (paths ../test/... relative to data.raw_dir), and editing one re-runs prepare and what follows."""
+    from conftest import make_images
+
+    proj = copy_project(tiny_dvc_project, tmp_path / "proj")
+    make_images(proj / "data" / "test", per_class=3, seed=11)  # beside the default folder's README
+    assert _changed_stages(proj) >= {"prepare", "extract", "audit", "evaluate"}
+    run_dvc(proj, "repro")
+    test = [r for r in (proj / "data" / "prepared" / "manifest.csv").read_text().splitlines()[1:]
+            if r.split(",")[2] == "test"]
+    assert len(test) == 9 and all(r.startswith("../test/") for r in test), test
+    metrics = json.loads((proj / "reports" / "metrics.json").read_text())
+    assert metrics["head"]["n"] == metrics["finetuned"]["n"] == 9
+    assert metrics["test_near_copies_of_train"] == 0
+    assert json.loads((proj / "reports" / "audit.json").read_text())["images"] == 36 + 9
+    assert _changed_stages(proj) == set()
+    (proj / "data" / "test" / "circle" / "circle_000.png").unlink()
+    assert _changed_stages(proj) >= {"prepare", "extract", "audit", "evaluate"}
