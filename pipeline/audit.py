@@ -79,6 +79,10 @@ BLOCK = 1024
 # flips in simpsons_dev, flower_photos and hymenoptera, 70 %, 81 % and 78 % of these were flips,
 # against 26-48 % of the other flagged images (docs/benchmarks/audit.md).
 LIKELY_MAX_PROBABILITY = 0.02
+# Feature distance (1 - cosine) at or below which two images are copies whatever their neighbourhood: an
+# image with more than duplicate_neighbors exact copies has its k-th neighbour among them, and the relative
+# rule alone would flag none of them. Distinct images never come this close; re-saved copies often do.
+SAME_FEATURES = 1e-4
 # Out-of-fold accuracy below which the log warns that most flags are the features' confusions: the
 # demo's frozen features reach 0.75 and flag 70 of its 400 correctly labelled images.
 WEAK_MODEL_ACCURACY = 0.8
@@ -251,8 +255,10 @@ def near_duplicates(features: np.ndarray, neighbors: int, ratio: float, hashes: 
     without hashes)], most similar first.
 
     With d = 1 - cosine of ``features`` (N, D) and r the distance of each image to its ``neighbors``-th
-    nearest: d_ij <= ``ratio`` · min(r_i, r_j), or ``hashes`` (N,) uint64 within ``max_bits`` bits and
-    d_ij <= min(r_i, r_j). Two passes over row blocks (r, then pairs): memory (BLOCK, N), not N².
+    nearest: d_ij <= ``ratio`` · min(r_i, r_j) (or <= :data:`SAME_FEATURES`), or ``hashes`` (N,) uint64
+    within ``max_bits`` bits and d_ij <= min(r_i, r_j). Two passes over row blocks (r, then pairs): memory
+    (BLOCK, N), not N². Inside a cluster of more than ``neighbors`` near (not exact) copies the features'
+    rule sees fewer pairs, the hash's most of them.
     """
     u = unit_rows(features.astype(np.float32))
     r = kth_neighbor_distance(u, neighbors)
@@ -261,7 +267,7 @@ def near_duplicates(features: np.ndarray, neighbors: int, ratio: float, hashes: 
     for a in range(0, len(u), BLOCK):
         sim = u[a:a + BLOCK] @ u.T
         dist, ref = 1.0 - sim, np.minimum(r[a:a + BLOCK, None], r[None, :])
-        hit = dist <= ratio * ref
+        hit = dist <= np.maximum(ratio * ref, SAME_FEATURES)
         if use_hash:
             bits = np.bitwise_count(hashes[a:a + BLOCK, None] ^ hashes[None, :])
             hit |= (bits <= max_bits) & (dist <= ref)

@@ -41,7 +41,7 @@ from pipeline.core.io import PipelineError, atomic_path, read_json, setup_loggin
 from pipeline.core.manifest import read_manifest
 from pipeline.core.params import Params, load_params
 from pipeline.data.images import load_image
-from pipeline.data.near_copies import DEFAULT_BITS, from_hex, near_pairs
+from pipeline.data.near_copies import DEFAULT_BITS, closest, from_hex, near_copy_elsewhere
 from pipeline.extraction.features import open_features
 from pipeline.models.calibration import apply_temperature, coverage_curve, ece, reliability_bins
 from pipeline.models.heads import build_stacked, load_model, model_temperature, predict_features
@@ -169,16 +169,15 @@ def write_plots(plots_dir: Path, name: str, y: np.ndarray, probs: np.ndarray, cl
 
 def near_copies_of_train(manifest: Path, bits: int) -> tuple[int, list[str]]:
     """Test images of ``manifest`` with a train or val image within ``bits`` bits of pHash →
-    (their number, up to 5 of their paths)."""
+    (their number, up to 5 examples as "test path ≈ closest train/val path")."""
     items = read_manifest(manifest)
     if any(not it.phash for it in items):
         raise PipelineError(f"{manifest} has no perceptual hashes (written before prepare recorded them); "
                             "re-run `dvc repro prepare`")
-    pairs = near_pairs(from_hex([it.phash for it in items]), bits)
+    hashes = from_hex([it.phash for it in items])
     test = np.array([it.split == "test" for it in items])
-    cross = pairs[test[pairs[:, 0]] != test[pairs[:, 1]]]
-    rows = sorted({int(i) for i in cross.reshape(-1) if test[i]})
-    return len(rows), [items[i].path for i in rows[:5]]
+    rows = np.flatnonzero(near_copy_elsewhere(hashes, test.astype(np.int64), bits) & test)
+    return len(rows), [f"{items[i].path} ≈ {items[closest(hashes, i, ~test)].path}" for i in rows[:5]]
 
 
 def run(*, raw_dir: Path, manifest: Path, classes_json: Path, test_features: Path, head_path: Path,
@@ -247,9 +246,9 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, test_features: Pat
                  m["roc_auc"])
     if n_copies:
         log.warning("%d of %d test images have a near-copy (pHash within %d bits) among the train or val images "
-                    "(e.g. %s): on those the test metrics measure memory, not generalisation. Exclude one of each "
-                    "pair (data/exclude.txt) or, for a split prepare made, keep data.group_hash_bits on", n_copies,
-                    len(y), bits, ", ".join(examples))
+                    "(e.g. %s): on those the test metrics measure memory, not generalisation. Exclude the train copy "
+                    "of each pair (data/exclude.txt) or, for a split prepare made, keep data.group_hash_bits on",
+                    n_copies, len(y), bits, "; ".join(examples))
     return report
 
 

@@ -128,7 +128,7 @@ def load_onnx(model_path: Path, meta_path: Optional[Path] = None) -> LoadedModel
         raise PipelineError(f"{model_path}: no exported model there; {export_hint(model_path)}, or pass --model")
     if not meta_path.is_file():
         raise PipelineError(f"{meta_path}: the export's description (class names, image size) is missing beside "
-                            f"{model_path}; {export_hint(meta_path)}, or pass --meta")
+                            f"{model_path}; {export_hint(model_path)}, or pass --meta")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     entry = (meta.get("files") or {}).get("onnx")
     if not entry or "class_names" not in meta or "image_size" not in meta:

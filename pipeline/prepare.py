@@ -7,9 +7,11 @@ report (path, kind, reason), and the good images proceed: the run fails only whe
 rejected share exceeds ``data.max_rejected_fraction`` or a class ends up with fewer than
 ``data.min_images_per_class`` images.
 
-A file's split comes from a hash of (data.seed, its group's key), so adding images never moves
-an existing group to another split, and the split does not depend on the machine or on
-directory listing order. Related images share a group, and so a split: those whose path gives
+A file's split comes from a hash of (data.seed, its group's key), so the split does not depend
+on the machine or on directory listing order, and adding images never moves an existing image,
+unless the new image joins its group (a near-copy of it, or one that links two groups: the
+merged group takes one split) or becomes its group's smallest path (a near-copy group's key).
+Each class ends in about the given fractions (each image or group is one draw), not exactly. Related images share a group, and so a split: those whose path gives
 the same text to ``data.group_pattern``'s capture group (an episode, a patient, a session), and
 near-copies, whose perceptual hashes (:mod:`pipeline.data.near_copies`, computed from the same
 decode as the check) are within ``data.group_hash_bits`` bits, joined transitively. A group's
@@ -51,7 +53,15 @@ from pipeline.core.io import setup_logging, user_errors, write_csv, write_json
 from pipeline.core.manifest import SPLITS, Item, write_manifest
 from pipeline.core.params import DataParams, load_params
 from pipeline.data.images import IMAGE_EXTENSIONS, ImageDecodeError, load_image
-from pipeline.data.near_copies import components, near_copy_edges, near_pairs, phash, to_hex
+from pipeline.data.near_copies import (
+    DEFAULT_BITS,
+    closest,
+    components,
+    near_copy_edges,
+    near_copy_elsewhere,
+    phash,
+    to_hex,
+)
 from pipeline.data.scanning import DatasetError, Quarantined, Scanner, printable
 
 log = logging.getLogger(__name__)
@@ -66,6 +76,11 @@ PARAMS = ("data",)
 CHECK_SIZE = 224
 
 QUARANTINE_HEADER = ("path", "kind", "reason")
+
+# A group larger than this many images and this share of all is warned about: one group takes one
+# split, so a chain of near-copies (or many blank frames, which all hash alike) can skew the split.
+LARGE_GROUP_IMAGES = 10
+LARGE_GROUP_SHARE = 0.02
 
 
 @dataclass(frozen=True)
@@ -141,6 +156,16 @@ def _scan_flat(raw_dir: Path, sc: Scanner) -> tuple[list[str], list[_Candidate]]
     return classes, cands
 
 
+def _relative_prefix(test_dir: Path, raw_dir: Path) -> str:
+    """``test_dir`` relative to ``raw_dir`` with a trailing slash, as ``raw_dir / prefix`` reaches it: the
+    plain relative path (the same in every clone) unless a symlink in ``raw_dir`` makes the kernel's ``..``
+    land elsewhere, then the one between their real paths."""
+    plain = os.path.relpath(os.path.abspath(test_dir), os.path.abspath(raw_dir))
+    if os.path.realpath(os.path.join(raw_dir, plain)) != os.path.realpath(test_dir):
+        plain = os.path.relpath(os.path.realpath(test_dir), os.path.realpath(raw_dir))
+    return plain.replace(os.sep, "/") + "/"
+
+
 def _scan_test_dir(test_dir: Path, raw_dir: Path, classes: list[str], sc: Scanner) -> list[_Candidate]:
     """``test_dir/<class>/…`` → candidates of the test split, paths relative to ``raw_dir``; [] when
     ``test_dir`` has no class sub-folders (no separate test set)."""
@@ -153,7 +178,7 @@ def _scan_test_dir(test_dir: Path, raw_dir: Path, classes: list[str], sc: Scanne
     if found != classes:
         raise DatasetError(f"data.test_dir: {test_dir} has class folders {found}, data.raw_dir {classes}; the test "
                            "folder needs the same class sub-folders (rename or add them)")
-    prefix = os.path.relpath(os.path.realpath(test_dir), os.path.realpath(raw_dir)).replace(os.sep, "/") + "/"
+    prefix = _relative_prefix(test_dir, raw_dir)
     sc.reserve(test_dir)
     cands = []
     for label in classes:
@@ -198,11 +223,25 @@ def read_exclude_list(path: Path) -> list[ExcludeEntry]:
         rel = text.strip("/")
         while rel.startswith("./"):
             rel = rel[2:]
-        if not rel or ".." in rel.split("/") or os.path.isabs(text):
+        parts = rel.split("/")
+        ups = next((k for k, part in enumerate(parts) if part != ".."), len(parts))
+        # Leading ../ only: images of data.test_dir, as the manifest shows them (../test/cats/x.jpg).
+        if not rel or ".." in parts[ups:] or ups == len(parts) or os.path.isabs(text):
             raise DatasetError(f"{path}:{n}: {text!r} is not a path inside data.raw_dir; write it relative to "
-                               "data.raw_dir as the manifest and the audit reports show it (e.g. cats/img001.jpg)")
+                               "data.raw_dir as the manifest and the audit reports show it (e.g. cats/img001.jpg, "
+                               "or ../test/cats/img001.jpg for an image of data.test_dir)")
         entries.append(ExcludeEntry(rel, n))
     return entries
+
+
+def _check_entries_outside(entries: list[ExcludeEntry], source: Optional[Path], test_prefix: Optional[str]) -> None:
+    """An entry starting with ``../`` must name an image of data.test_dir (``test_prefix``): else
+    :class:`DatasetError`."""
+    for e in entries:
+        if e.path.startswith("../") and not (test_prefix and (e.path + "/").startswith(test_prefix)):
+            raise DatasetError(f"{source}:{e.line}: {e.path!r} is not a path inside data.raw_dir" + (
+                f" or data.test_dir ({test_prefix}…)" if test_prefix else "") + "; write it relative to "
+                "data.raw_dir as the manifest and the audit reports show it (e.g. cats/img001.jpg)")
 
 
 def apply_exclude_list(cands: list[_Candidate], entries: list[ExcludeEntry],
@@ -400,6 +439,11 @@ def _report_groups(grouping: Grouping, good: list[_Candidate], splits: list[str]
         log.info("groups: %d image(s) in %d group(s) of 2 or more (largest: %d images, with %s); %d image(s) "
                  "follow their group's split instead of their own", sum(1 for m in grouping.member_of if m),
                  grouping.n_groups, grouping.largest, grouping.largest_example, moved)
+    if grouping.largest > max(LARGE_GROUP_IMAGES, LARGE_GROUP_SHARE * len(good)):
+        log.warning("one group holds %d of %d images (with %s) and takes one split whole. If they are not related "
+                    "(blank or flat frames hash alike, and near-copies join in chains), exclude the unrelated ones "
+                    "(data/exclude.txt), lower data.group_hash_bits or narrow data.group_pattern", grouping.largest,
+                    len(good), grouping.largest_example)
     else:
         log.info("groups: none (no data.group_pattern matches shared, no near-copies within %d bits)",
                  params.group_hash_bits)
@@ -407,20 +451,44 @@ def _report_groups(grouping: Grouping, good: list[_Candidate], splits: list[str]
 
 
 def _cross_split_near_copies(good: list[_Candidate], hashes: list[int], splits: list[str],
-                             bits: int) -> int:
-    """Images of a given (not hashed) split with a near-copy in another split, warned about → their number."""
-    if bits < 0:
-        return 0
-    pairs = near_pairs(np.array(hashes, dtype=np.uint64), bits)
-    cross = pairs[[splits[i] != splits[j] for i, j in pairs]] if len(pairs) else pairs
-    flagged = sorted({int(k) for pair in cross for k in pair if good[k].given_split is not None})
-    if flagged:
-        ex = ", ".join(f"{good[i].path} ({splits[i]})" for i in flagged[:3])
+                             params: DataParams) -> int:
+    """Images of a given (not hashed) split with a near-copy in another split, warned about with their
+    closest partner → their number. Within ``data.group_hash_bits``, or 4 when grouping is off."""
+    bits = params.group_hash_bits if params.group_hash_bits >= 0 else DEFAULT_BITS
+    h = np.array(hashes, dtype=np.uint64)
+    split_id = np.array([SPLITS.index(sp) for sp in splits], np.int64)
+    given = np.array([c.given_split is not None for c in good])
+    flagged = np.flatnonzero(near_copy_elsewhere(h, split_id, bits) & given)
+    if len(flagged):
+        ex = "; ".join(f"{good[i].path} ({splits[i]}) ≈ {good[j].path} ({splits[j]})" for i in flagged[:3]
+                       for j in [closest(h, i, split_id != split_id[i])])
         log.warning("%d image(s) of a split you gave (a test/ or val/ folder, data.test_dir) have a near-copy "
-                    "(pHash within %d bits) in another split, which no grouping can move: e.g. %s. The test "
-                    "metrics of such images measure memory; exclude one of each pair (data/exclude.txt)",
+                    "(pHash within %d bits) in another split, which no grouping can move: e.g. %s. Their test "
+                    "metrics measure memory; exclude the train copy of each pair (data/exclude.txt)",
                     len(flagged), bits, ex)
     return len(flagged)
+
+
+def _cross_split_pattern_groups(good: list[_Candidate], splits: list[str], params: DataParams) -> int:
+    """Groups named by ``data.group_pattern`` with images in a given split and in another, warned about
+    (a given split is never regrouped) → their number."""
+    if params.group_pattern is None:
+        return 0
+    rx = re.compile(params.group_pattern)
+    where: dict[str, set[str]] = {}
+    given: set[str] = set()
+    for c, sp in zip(good, splits):
+        m = rx.search(c.path)
+        if m and m.group(1):
+            where.setdefault(m.group(1), set()).add(sp)
+            if c.given_split is not None:
+                given.add(m.group(1))
+    split_groups = sorted(g for g in given if len(where[g]) > 1)
+    if split_groups:
+        log.warning("%d data.group_pattern group(s) have images in a split you gave (a test/ or val/ folder, "
+                    "data.test_dir) and in another split, which no grouping can move: e.g. %s", len(split_groups),
+                    ", ".join(f"{g!r} ({', '.join(sorted(where[g]))})" for g in split_groups[:3]))
+    return len(split_groups)
 
 
 def _check_every_split(raw_dir: Path, classes: list[str], items: list[Item], params: DataParams,
@@ -472,8 +540,8 @@ def scan(raw_dir: Path, params: DataParams, workers: Optional[int] = None,
     if test_cands and presplit and (raw_dir / "test").is_dir():
         raise DatasetError(f"two test sets: {raw_dir / 'test'} and data.test_dir {test_dir}; keep one (move the "
                            "images of one into the other, or point data.test_dir at a folder without class folders)")
-    cands, excluded = apply_exclude_list(cands, entries, exclude)
-    cands += test_cands
+    _check_entries_outside(entries, exclude, _relative_prefix(test_dir, raw_dir) if test_cands else None)
+    cands, excluded = apply_exclude_list(cands + test_cands, entries, exclude)
     checked = check_images(raw_dir, [c.path for c in cands], params.max_image_pixels, workers)
     good = [c for c, (r, _) in zip(cands, checked) if not r]
     hashes = [h for r, h in checked if not r]
@@ -495,8 +563,10 @@ def scan(raw_dir: Path, params: DataParams, workers: Optional[int] = None,
     splits = _split(good, keys, presplit, separate_test, params)
     moved = _report_groups(grouping, [good[i] for i in free], [splits[i] for i in free], params,
                            [good[i].split_key for i in free], presplit, separate_test)
-    given = _cross_split_near_copies(good, hashes, splits, params.group_hash_bits) \
-        if presplit or test_cands else 0
+    given = 0
+    if presplit or test_cands:
+        given = _cross_split_near_copies(good, hashes, splits, params)
+        _cross_split_pattern_groups(good, splits, params)
     items = [Item(c.path, c.label, sp, to_hex(h), g) for c, sp, h, g in zip(good, splits, hashes, member_of)]
     order = {s: i for i, s in enumerate(SPLITS)}
     items.sort(key=lambda it: (order[it.split], it.label, it.path))

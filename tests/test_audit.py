@@ -240,3 +240,14 @@ def test_shipped_exclude_list_has_only_comments():
 
     entries = prepare.read_exclude_list(ROOT / "data" / "exclude.txt")
     assert entries == []
+
+
+def test_more_exact_copies_than_neighbours_are_all_paired():
+    """With more than k copies of one image its k-th neighbour is a copy: the relative rule alone would see
+    few of them; nearly identical features are copies whatever the neighbourhood."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 1, (100, 16)).astype(np.float32)
+    x[80:95] = x[3] + rng.normal(0, 0.002, (15, 16)).astype(np.float32)  # 15 re-saved copies of row 3, k = 10
+    got = {(i, j) for i, j, *_ in audit.near_duplicates(x, 10, 0.33)}
+    rows = [3, *range(80, 95)]
+    assert {(i, j) for i in rows for j in rows if i < j} <= got

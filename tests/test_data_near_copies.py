@@ -6,7 +6,16 @@ import pytest
 from conftest import render
 
 from pipeline.data.images import load_image
-from pipeline.data.near_copies import components, from_hex, near_copy_edges, near_pairs, phash, to_hex
+from pipeline.data.near_copies import (
+    closest,
+    components,
+    from_hex,
+    near_copy_edges,
+    near_copy_elsewhere,
+    near_pairs,
+    phash,
+    to_hex,
+)
 
 
 @pytest.mark.parametrize("k", [0, 1, 3, 4, 6, 9])
@@ -55,3 +64,21 @@ def test_hex_round_trip_and_bit_order_match_imagehash():
     h = phash(img)
     assert from_hex([to_hex(h)])[0] == h and len(to_hex(h)) == 16
     assert to_hex(h) == str(imagehash.phash(Image.fromarray(img)))  # imagehash's own hex form
+
+
+def test_near_copy_elsewhere_equals_brute_force_and_stays_small_on_many_identical_hashes():
+    rng = np.random.default_rng(5)
+    h = rng.integers(0, 2**63, 200, dtype=np.uint64)
+    for i in range(0, 200, 9):
+        h[i + 1] = h[i] ^ np.uint64(0b1011)
+    h[150:180] = h[0]  # thirty identical hashes
+    labels = rng.integers(0, 3, 200)
+    brute = np.array([any(bin(int(h[i] ^ h[j])).count("1") <= 4 and labels[i] != labels[j] for j in range(200))
+                      for i in range(200)])
+    got = near_copy_elsewhere(h, labels, 4)
+    assert np.array_equal(got, brute) and got.sum() > 10
+    assert not near_copy_elsewhere(h, np.zeros(200, int), 4).any()  # one label: nothing elsewhere
+    assert not near_copy_elsewhere(h, labels, -1).any()
+    i = int(np.flatnonzero(got)[0])
+    j = closest(h, i, labels != labels[i])
+    assert labels[j] != labels[i] and bin(int(h[i] ^ h[j])).count("1") <= 4

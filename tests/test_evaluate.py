@@ -152,7 +152,7 @@ def test_test_near_copies_of_train_counts_test_images_close_to_a_train_or_val_im
              Item("a/4.png", "a", "test", f"{h ^ 0xF0F0F0:016x}"),  # 12 bits from both
              Item("a/5.png", "a", "test", f"{h ^ 0b111:016x}")]  # a copy of a test image only counts once
     write_manifest(tmp_path / "m.csv", items)
-    assert evaluate.near_copies_of_train(tmp_path / "m.csv", 4) == (2, ["a/3.png", "a/5.png"])
+    assert evaluate.near_copies_of_train(tmp_path / "m.csv", 4) == (2, ["a/3.png ≈ a/1.png", "a/5.png ≈ a/1.png"])
     assert evaluate.near_copies_of_train(tmp_path / "m.csv", 2)[0] == 0
     assert evaluate.near_copies_of_train(tmp_path / "m.csv", 16)[0] == 3
     write_manifest(tmp_path / "old.csv", [Item("a/1.png", "a", "train")])

@@ -152,4 +152,63 @@ def test_test_images_that_near_copy_a_training_image_are_counted_and_warned(tmp_
     with caplog.at_level(logging.WARNING, logger="pipeline.prepare"):
         found = scan(raw, _params(raw), test_dir=test_dir)
     assert found.given_split_near_copies == 1
-    assert "../test/circle/leak.jpg (test)" in caplog.text
+    assert "../test/circle/leak.jpg (test) ≈ circle/circle_004.png" in caplog.text
+    # The warning says to exclude one of the pair: an exclude list can name a test_dir image as the manifest does.
+    exclude = tmp_path / "exclude.txt"
+    exclude.write_text("../test/circle/leak.jpg\n")
+    found = scan(raw, _params(raw), test_dir=test_dir, exclude=exclude)
+    assert found.given_split_near_copies == 0 and "../test/circle/leak.jpg" not in {it.path for it in found.items}
+    assert [q.kind for q in found.report if q.path == "../test/circle/leak.jpg"] == ["excluded"]
+
+
+def test_adding_unrelated_images_moves_no_existing_image_with_near_copy_grouping_on(tmp_path):
+    """The guarantee with the default hash grouping: a new image moves an existing one only when it is a
+    near-copy of it (or links two groups); distinct new images move nothing."""
+    raw = make_images(tmp_path / "raw", per_class=20)
+    p = _params(raw)
+    assert p.group_hash_bits >= 0
+    before = _split_of(scan(raw, p).items)
+    make_images(tmp_path / "new", per_class=15, seed=3)
+    for f in (tmp_path / "new").rglob("*.png"):
+        f.rename(raw / f.parent.name / f"new_{f.name}")
+    after = scan(raw, p)
+    grouped_with_new = {it.path for it in after.items if it.group and any(
+        o.group == it.group and "/new_" in o.path for o in after.items)}
+    moved = [k for k, v in before.items() if _split_of(after.items)[k] != v]
+    assert set(moved) <= grouped_with_new, moved
+
+
+def test_a_group_of_many_unrelated_images_is_warned_about(tmp_path, caplog):
+    raw = make_images(tmp_path / "raw", per_class=20)
+    for i in range(12):  # blank frames: every flat image hashes alike
+        Image.new("RGB", (48, 48), (i * 20, 0, 0)).save(raw / "square" / f"blank_{i:02d}.png")
+    with caplog.at_level(logging.WARNING, logger="pipeline.prepare"):
+        found = scan(raw, _params(raw))
+    assert found.grouping.largest >= 12
+    assert f"one group holds {found.grouping.largest} of 72 images" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.prepare"):
+        scan(raw, _params(raw, **{"data.group_hash_bits": -1}))
+    assert "one group holds" not in caplog.text
+
+
+def test_a_pattern_group_split_between_a_given_test_folder_and_raw_dir_is_warned_about(tmp_path, caplog):
+    raw = _episodes(tmp_path / "raw")
+    test_dir = _episodes(tmp_path / "test", episodes=2, frames=1)  # episodes 0 and 1 again, as the test set
+    with caplog.at_level(logging.WARNING, logger="pipeline.prepare"):
+        scan(raw, _params(raw, **{"data.group_pattern": r"/(ep\d+)_", "data.group_hash_bits": -1}),
+             test_dir=test_dir)
+    assert "2 data.group_pattern group(s) have images in a split you gave" in caplog.text
+    assert "'ep00' (" in caplog.text
+
+
+def test_test_dir_paths_reach_the_images_through_a_symlinked_raw_dir(tmp_path):
+    real = make_images(tmp_path / "store" / "images", per_class=10)
+    (tmp_path / "proj" / "data").mkdir(parents=True)
+    (tmp_path / "proj" / "data" / "raw").symlink_to(real)
+    test_dir = make_images(tmp_path / "proj" / "data" / "test", per_class=2, seed=4)
+    raw = tmp_path / "proj" / "data" / "raw"
+    items = scan(raw, _params(raw), test_dir=test_dir).items
+    test = [it.path for it in items if it.split == "test"]
+    assert len(test) == 6 and all((raw / q).is_file() for q in test)
+    assert all(q.startswith("../../proj/data/test/") for q in test), test[:2]  # from the link's target

@@ -71,10 +71,14 @@ class DataParams:
     group_hash_bits: int = field(default=4, metadata=_range(-1, 32))
     # A folder with the same class sub-folders whose images are the test split; raw_dir is then split
     # into train and val only. A folder without class sub-folders (the default's README only) = none.
-    test_dir: str = "data/test"
+    test_dir: Optional[str] = "data/test"  # null is refused with the fix (dvc.yaml needs a folder)
 
     def __post_init__(self) -> None:
         check_shell_path("data.raw_dir", self.raw_dir)
+        if not isinstance(self.test_dir, str):
+            raise ParamsError(f"data.test_dir: {self.test_dir!r} is not a folder path; for no separate test set "
+                              "point it at a folder without class sub-folders (the default data/test holds only "
+                              "a README): dvc.yaml passes it to prepare and tracks it, so it must name a folder")
         check_shell_path("data.test_dir", self.test_dir)
         if self.group_pattern is not None:
             try:

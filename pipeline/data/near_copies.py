@@ -125,3 +125,27 @@ def near_copy_edges(hashes: np.ndarray, max_bits: int) -> np.ndarray:
     same = same[same[:, 0] != same[:, 1]]
     close = first[_value_pairs(values, max_bits)]
     return np.concatenate([same, close.reshape(-1, 2)]).astype(np.int64)
+
+
+def near_copy_elsewhere(hashes: np.ndarray, labels: np.ndarray, max_bits: int) -> np.ndarray:
+    """Which images have a near-copy (within ``max_bits`` bits) whose label (e.g. split id, (N,) small ints
+    < 63) differs from theirs → (N,) bool. Works on distinct hash values, so a thousand identical blank
+    frames cost one comparison, not half a million pairs."""
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if max_bits < 0 or len(hashes) < 2:
+        return np.zeros(len(hashes), bool)
+    values, inverse = np.unique(hashes, return_inverse=True)
+    own = np.zeros(len(values), np.int64)
+    np.bitwise_or.at(own, inverse, np.left_shift(1, labels))
+    seen = own.copy()
+    pairs = _value_pairs(values, max_bits)
+    np.bitwise_or.at(seen, pairs[:, 0], own[pairs[:, 1]])
+    np.bitwise_or.at(seen, pairs[:, 1], own[pairs[:, 0]])
+    return (seen[inverse] & ~np.left_shift(1, labels)) != 0
+
+
+def closest(hashes: np.ndarray, i: int, among: np.ndarray) -> int:
+    """The index, among the rows where ``among`` (N,) bool is true, whose hash is closest to row ``i``'s."""
+    rows = np.flatnonzero(among)
+    return int(rows[np.argmin(np.bitwise_count(hashes[rows] ^ hashes[i]))])
