@@ -11,14 +11,15 @@ A file's split comes from a hash of (data.seed, its group's key), so the split d
 on the machine or on directory listing order, and adding images never moves an existing image,
 unless the new image joins its group (a near-copy of it, or one that links two groups: the
 merged group takes one split) or becomes its group's smallest path (a near-copy group's key).
-Each class ends in about the given fractions (each image or group is one draw), not exactly. Related images share a group, and so a split: those whose path gives
-the same text to ``data.group_pattern``'s capture group (an episode, a patient, a session), and
-near-copies, whose perceptual hashes (:mod:`pipeline.data.near_copies`, computed from the same
-decode as the check) are within ``data.group_hash_bits`` bits, joined transitively. A group's
-key is the smallest captured text among its images, else the smallest path inside a class
-folder; an image in no group keys on its own path, as before groups existed. The manifest
-records each image's hash and its group (empty when alone), and the log reports the groups, the
-largest, and how many images follow their group's split rather than their own.
+Each class ends in about the given fractions (each image or group is one draw), not exactly.
+Related images share a group, and so a split: those whose path gives the same text to
+``data.group_pattern``'s capture group (an episode, a patient, a session), and near-copies,
+whose perceptual hashes (:mod:`pipeline.data.near_copies`, computed from the same decode as the
+check) are within ``data.group_hash_bits`` bits, joined transitively. A group's key is the
+smallest captured text among its images, else the smallest path inside a class folder; an image
+in no group keys on its own path, as before groups existed. The manifest records each image's
+hash and its group (empty when alone), and the log reports the groups, the largest, and how many
+images follow their group's split rather than their own.
 
 If ``raw_dir`` already holds ``train/`` and ``val/`` (optionally ``test/``) folders with class
 sub-folders, that split is kept; without ``test/``, the test split is carved out of ``train/``
@@ -439,14 +440,14 @@ def _report_groups(grouping: Grouping, good: list[_Candidate], splits: list[str]
         log.info("groups: %d image(s) in %d group(s) of 2 or more (largest: %d images, with %s); %d image(s) "
                  "follow their group's split instead of their own", sum(1 for m in grouping.member_of if m),
                  grouping.n_groups, grouping.largest, grouping.largest_example, moved)
+    else:
+        log.info("groups: none (no data.group_pattern matches shared, no near-copies within %d bits)",
+                 params.group_hash_bits)
     if grouping.largest > max(LARGE_GROUP_IMAGES, LARGE_GROUP_SHARE * len(good)):
         log.warning("one group holds %d of %d images (with %s) and takes one split whole. If they are not related "
                     "(blank or flat frames hash alike, and near-copies join in chains), exclude the unrelated ones "
                     "(data/exclude.txt), lower data.group_hash_bits or narrow data.group_pattern", grouping.largest,
                     len(good), grouping.largest_example)
-    else:
-        log.info("groups: none (no data.group_pattern matches shared, no near-copies within %d bits)",
-                 params.group_hash_bits)
     return moved
 
 
