@@ -144,3 +144,23 @@ def test_simpsons_finetune_improves_val_loss(tmp_path):
     assert ft["val_loss"] <= 0.85 * ft["head_only_val_loss"]
     assert report["finetuned"]["log_loss"] < report["head"]["log_loss"]
     assert report["finetuned"]["accuracy"] >= report["head"]["accuracy"]
+
+
+def test_simpsons_frames_that_near_copy_each_other_never_straddle_splits():
+    """Consecutive frames of one shot (pHash within 4 bits) land in one split; hashed one by one, about half
+    of the 51 such pairs on simpsons_dev straddle two splits (25-28 by the fractions, docs/benchmarks/grouping.md)."""
+    import numpy as np
+
+    from pipeline.data.near_copies import from_hex, near_pairs
+
+    raw = shared_dataset("simpsons_dev")
+
+    def straddling(bits: int) -> tuple[int, int]:
+        items = prepare.scan(raw, _params(raw, data={"group_hash_bits": bits}).data).items
+        pairs = near_pairs(from_hex([it.phash for it in items]), 4)
+        return len(pairs), int(np.sum([items[i].split != items[j].split for i, j in pairs]))
+
+    n_pairs, off = straddling(-1)
+    print(f"\nsimpsons_dev: {n_pairs} near-copy pairs; across splits {off} without groups", end="")
+    assert n_pairs >= 20 and off >= 5
+    assert straddling(4) == (n_pairs, 0)
