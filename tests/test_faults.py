@@ -217,10 +217,11 @@ def test_kill_during_finetune_then_resume_equals_an_uninterrupted_run(project, t
 @pytest.mark.slow  # the project fixture: the pipeline, a 2-epoch fine-tune and one killed in a subprocess
 def test_kill_during_evaluate_leaves_no_report(project, tmp_path):
     out = tmp_path / "reports"
-    args = ["--raw-dir", str(project.raw), "--classes", str(project.classes), "--test-features",
-            str(project.feats["test"]), "--head", str(project.head), "--model", str(project.model), "--metrics",
-            str(out / "metrics.json"), "--per-class", str(out / "per_class.json"), "--plots-dir", str(out / "plots"),
-            "--mistakes", str(out / "mistakes.png"), "--params", str(project.params_file)]
+    args = ["--raw-dir", str(project.raw), "--manifest", str(project.manifest), "--classes", str(project.classes),
+            "--test-features", str(project.feats["test"]), "--head", str(project.head), "--model", str(project.model),
+            "--metrics", str(out / "metrics.json"), "--per-class", str(out / "per_class.json"),
+            "--plots-dir", str(out / "plots"), "--mistakes", str(out / "mistakes.png"),
+            "--params", str(project.params_file)]
     KilledStage("pipeline.evaluate", args, tmp_path / "work", delay=0.3).wait_killed()
     assert not out.exists() or not [p for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")]
     # The rerun completes; the reports are those of an uninterrupted run (the reference's model).
