@@ -167,7 +167,7 @@ def _relative_prefix(test_dir: Path, raw_dir: Path) -> str:
     return plain.replace(os.sep, "/") + "/"
 
 
-def _scan_test_dir(test_dir: Path, raw_dir: Path, classes: list[str], sc: Scanner) -> list[_Candidate]:
+def _scan_test_dir(test_dir: Path, prefix: str, classes: list[str], sc: Scanner) -> list[_Candidate]:
     """``test_dir/<class>/…`` → candidates of the test split, paths relative to ``raw_dir``; [] when
     ``test_dir`` has no class sub-folders (no separate test set)."""
     if not test_dir.is_dir():
@@ -179,7 +179,6 @@ def _scan_test_dir(test_dir: Path, raw_dir: Path, classes: list[str], sc: Scanne
     if found != classes:
         raise DatasetError(f"data.test_dir: {test_dir} has class folders {found}, data.raw_dir {classes}; the test "
                            "folder needs the same class sub-folders (rename or add them)")
-    prefix = _relative_prefix(test_dir, raw_dir)
     sc.reserve(test_dir)
     cands = []
     for label in classes:
@@ -359,6 +358,14 @@ class Grouping:
     unmatched: list[str]  # paths group_pattern did not match (each its own group)
 
 
+def group_captures(good: list[_Candidate], pattern: Optional[str]) -> list[Optional[str]]:
+    """Each image's ``data.group_pattern`` capture (None: no pattern, no match, or an empty capture)."""
+    if pattern is None:
+        return [None] * len(good)
+    rx = re.compile(pattern)
+    return [m.group(1) or None if (m := rx.search(c.path)) else None for c in good]
+
+
 def group_images(good: list[_Candidate], hashes: list[int], params: DataParams) -> Grouping:
     """Join related images (same ``data.group_pattern`` capture, pHash within ``data.group_hash_bits``)
     into groups, transitively → each image's group key.
@@ -368,21 +375,12 @@ def group_images(good: list[_Candidate], hashes: list[int], params: DataParams) 
     as before grouping existed).
     """
     n = len(good)
-    captures: list[Optional[str]] = [None] * n
-    unmatched: list[str] = []
+    captures = group_captures(good, params.group_pattern)
+    unmatched = [c.path for c, cap in zip(good, captures) if cap is None] if params.group_pattern is not None else []
     edges = [near_copy_edges(np.array(hashes, dtype=np.uint64), params.group_hash_bits)]
-    if params.group_pattern is not None:
-        rx = re.compile(params.group_pattern)
-        first: dict[str, int] = {}
-        links = []
-        for i, c in enumerate(good):
-            m = rx.search(c.path)
-            if m is None or not m.group(1):
-                unmatched.append(c.path)
-                continue
-            captures[i] = m.group(1)
-            links.append((i, first.setdefault(m.group(1), i)))
-        edges.append(np.array(links, dtype=np.int64).reshape(-1, 2))
+    first: dict[str, int] = {}
+    links = [(i, first.setdefault(cap, i)) for i, cap in enumerate(captures) if cap is not None]
+    edges.append(np.array(links, dtype=np.int64).reshape(-1, 2))
     label = components(n, np.concatenate(edges)) if n else np.zeros(0, np.int64)
     members: dict[int, list[int]] = {}
     for i, g in enumerate(label.tolist()):
@@ -475,15 +473,13 @@ def _cross_split_pattern_groups(good: list[_Candidate], splits: list[str], param
     (a given split is never regrouped) → their number."""
     if params.group_pattern is None:
         return 0
-    rx = re.compile(params.group_pattern)
     where: dict[str, set[str]] = {}
     given: set[str] = set()
-    for c, sp in zip(good, splits):
-        m = rx.search(c.path)
-        if m and m.group(1):
-            where.setdefault(m.group(1), set()).add(sp)
+    for c, sp, cap in zip(good, splits, group_captures(good, params.group_pattern)):
+        if cap is not None:
+            where.setdefault(cap, set()).add(sp)
             if c.given_split is not None:
-                given.add(m.group(1))
+                given.add(cap)
     split_groups = sorted(g for g in given if len(where[g]) > 1)
     if split_groups:
         log.warning("%d data.group_pattern group(s) have images in a split you gave (a test/ or val/ folder, "
@@ -537,11 +533,12 @@ def scan(raw_dir: Path, params: DataParams, workers: Optional[int] = None,
     """
     entries = read_exclude_list(exclude) if exclude is not None else []
     classes, cands, sc, presplit = _scan_files(raw_dir)
-    test_cands = _scan_test_dir(test_dir, raw_dir, classes, sc) if test_dir is not None else []
+    test_prefix = _relative_prefix(test_dir, raw_dir) if test_dir is not None else None
+    test_cands = _scan_test_dir(test_dir, test_prefix, classes, sc) if test_dir is not None else []
     if test_cands and presplit and (raw_dir / "test").is_dir():
         raise DatasetError(f"two test sets: {raw_dir / 'test'} and data.test_dir {test_dir}; keep one (move the "
                            "images of one into the other, or point data.test_dir at a folder without class folders)")
-    _check_entries_outside(entries, exclude, _relative_prefix(test_dir, raw_dir) if test_cands else None)
+    _check_entries_outside(entries, exclude, test_prefix if test_cands else None)
     cands, excluded = apply_exclude_list(cands + test_cands, entries, exclude)
     checked = check_images(raw_dir, [c.path for c in cands], params.max_image_pixels, workers)
     good = [c for c, (r, _) in zip(cands, checked) if not r]
