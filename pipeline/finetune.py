@@ -59,7 +59,7 @@ from pipeline.finetuning.activations import BOTTOM_BATCH, ActivationCache, Activ
 from pipeline.finetuning.checkpoint import TrainState, fingerprint
 from pipeline.finetuning.cut import Cut, cut_at
 from pipeline.finetuning.parity import PARITY_SAMPLES, check_cut_parity, check_parity
-from pipeline.finetuning.progress import start_live
+from pipeline.finetuning.progress import Clock, start_live
 from pipeline.finetuning.recipe import (
     compile_top,
     default_strategy,
@@ -164,18 +164,14 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path
     ``activation_cache``: the folder of the frozen bottom's cached activations
     (:mod:`pipeline.finetuning.activations`), kept between runs; None: a throw-away folder for this call only.
     """
-    t0 = time.perf_counter()
+    clock = Clock()
     p = params.finetune
     # finetune.unfreeze_from: auto → the backbone's own boundary; recorded in the metrics and the model.
     boundary = resolve_unfreeze_from(p.unfreeze_from, params.backbone.name)
     classes = read_json(classes_json)["classes"]
     index = {c: i for i, c in enumerate(classes)}
     expected = feature_provenance(params.backbone, classes)
-    strategy = strategy if strategy is not None else default_strategy()
-    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
-    if replicas > 1:
-        log.info("%d replicas (%s): global batch %d, learning rate x %.3g", replicas, type(strategy).__name__,
-                 p.batch_size * replicas, replica_lr_scale(p.optimizer, replicas))
+    strategy, replicas = _strategy(strategy, p)
     train, val = read_manifest(manifest, splits=("train",)), read_manifest(manifest, splits=("val",))
     # Every variable (head, backbone, optimizer) is created under the strategy's scope.
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
@@ -191,19 +187,21 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path
         else:
             acts, engine = _activations(cut, params, boundary, activation_cache or Path(scratch))
             data, digests = train_data(acts, raw_dir, train, val, index, p.batch_size)
-            init_loss, init_acc = cut.top.evaluate(data.val, verbose=0)
-            state = initial_state(init_loss, init_acc, cut.top.get_weights())
-            live = start_live(live_dir, init_loss, init_acc) if live_dir is not None else None
+            state, live = _epoch_0(cut.top, data, live_dir, clock)
             items = [(it.path, it.label, it.split, d) for it, d in zip(train + val, digests)]
             fp = fingerprint(params, expected, head_path, items, engine, replicas,
                              unfreeze_from=boundary) if checkpoint else ""
-            state, fitted = fit_top(cut.top, state, params, data, RunCheckpoint(checkpoint, fp), live, replicas)
+            state, fitted, fit_seconds = fit_top(cut.top, state, params, data, RunCheckpoint(checkpoint, fp), live,
+                                                 replicas)
+            clock.seconds.update(fit_seconds)
             if live is not None and not fitted:
                 live.end()  # no fit, so no DVCLiveCallback to end the run
             keep_best(cut.top, state)
             # The kept weights' val probabilities, for the temperature: the top on the stored clean val
             # activations (the stacked model's to the cut parity below).
-            val_probs = cut.top.predict(data.val, verbose=0)
+            with clock.part("validate"):
+                val_probs = cut.top.predict(data.val, verbose=0)
+            clock.begin("finish")  # the cut parity, calibration and saving
             split_parity = _cut_parity(cut, s, acts, raw_dir, dict(zip(_paths(raw_dir, val), digests[len(train):])))
     # The saved model is for inference: everything frozen again, as a loaded model would be used.
     get_base(s.backbone).trainable = False
@@ -214,17 +212,40 @@ def run(*, raw_dir: Path, manifest: Path, classes_json: Path, val_features: Path
                "bottom_seconds": round(acts.seconds, 1) if acts is not None else 0.0,
                "unfreeze_from": boundary, "unfrozen_params": unfrozen,
                "unfrozen_share": round(unfrozen / count_params(get_base(s.backbone).weights), 4),
-               "calibration": calibration, "seconds": round(time.perf_counter() - t0, 1)}
+               "calibration": calibration}
     save_model(with_temperature(s.model, calibration["temperature"]), model_out, {
         "kind": "finetuned", "class_names": classes, "provenance": expected, "head_type": s.head_meta["head_type"],
         "finetune_params": as_dict(p), "unfreeze_from": boundary, "seed": params.seed, "best_epoch": state.best_epoch,
         "temperature": calibration["temperature"], "versions": library_versions(),
     })
     write_history(history_out, state.rows)
+    clock.end("finish")
+    clock.seconds["bottom"] = acts.seconds if acts is not None else 0.0
+    metrics["seconds_by_part"] = clock.by_part(("bottom", "train", "validate", "checkpoint", "finish"))
+    metrics["seconds"] = round(time.perf_counter() - clock.start, 1)
     write_json(metrics_out, metrics)
     log.info("fine-tuned: val acc %.4f → %.4f (epoch %d), %.0fs", metrics["head_only_val_accuracy"],
              metrics["val_accuracy"], state.best_epoch, metrics["seconds"])
     return metrics
+
+
+def _strategy(strategy: Optional[tf.distribute.Strategy],
+              p: FinetuneParams) -> tuple[Optional[tf.distribute.Strategy], int]:
+    """``strategy``, else :func:`pipeline.finetuning.recipe.default_strategy`, and its replica count (logged if > 1)."""
+    strategy = strategy if strategy is not None else default_strategy()
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    if replicas > 1:
+        log.info("%d replicas (%s): global batch %d, learning rate x %.3g", replicas, type(strategy).__name__,
+                 p.batch_size * replicas, replica_lr_scale(p.optimizer, replicas))
+    return strategy, replicas
+
+
+def _epoch_0(top: keras.Model, data: TrainData, live_dir: Path | None, clock: Clock):
+    """Epoch 0, the head-only model, measured on the val activations → (its state, the dvclive run or None)."""
+    with clock.part("validate"):
+        loss, acc = top.evaluate(data.val, verbose=0)
+    live = start_live(live_dir, loss, acc) if live_dir is not None else None
+    return initial_state(loss, acc, top.get_weights()), live
 
 
 def _epoch_metrics(state: TrainState) -> dict:

@@ -199,7 +199,7 @@ def test_kill_during_finetune_then_resume_equals_an_uninterrupted_run(project, t
     assert (killed / "history.csv").read_text() == (ref / "history.csv").read_text()
     assert len((ref / "history.csv").read_text().splitlines()) == 1 + 1 + 2
     # Timings and how much bottom work this process did (the resumed run computes only epoch 2's view) aside.
-    work = ("seconds", "bottom_seconds", "bottom_images_computed")
+    work = ("seconds", "seconds_by_part", "bottom_seconds", "bottom_images_computed")
     drop = lambda m: {k: v for k, v in m.items() if k not in work}  # noqa: E731
     assert drop(resumed) == drop(uninterrupted)
     # The trained state after epoch 2 (every variable and the optimizer's momentum) is identical.

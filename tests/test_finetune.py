@@ -124,6 +124,13 @@ def test_a_run_from_a_warm_activation_cache_equals_a_cold_one(tmp_path):
     assert cold["split_parity_max_abs_diff"] <= CUT_TOLERANCE
     warm = tune("warm")
     assert warm["bottom_images_computed"] == 0
+    # Where the seconds went: the parts add up to the run, and a warm run's bottom did nothing.
+    for m in (cold, warm):
+        parts = m["seconds_by_part"]
+        assert set(parts) == {"setup", "bottom", "train", "validate", "checkpoint", "finish"}
+        assert sum(parts.values()) == pytest.approx(m["seconds"], abs=0.5) and min(parts.values()) >= 0
+        assert parts["train"] > 0 and parts["validate"] > 0 and parts["finish"] > 0
+    assert cold["seconds_by_part"]["bottom"] > 0 and warm["seconds_by_part"]["bottom"] == 0
     assert (out / "warm.csv").read_text() == (out / "cold.csv").read_text()
     a, _ = load_model(out / "cold.keras")
     b, _ = load_model(out / "warm.keras")

@@ -4,12 +4,13 @@ epochs logged again."""
 from __future__ import annotations
 
 import csv
+import time
 
 import keras
 import numpy as np
 import pytest
 
-from pipeline.finetuning.progress import BatchProgress, live_callbacks, log_history, start_live
+from pipeline.finetuning.progress import BatchProgress, Clock, live_callbacks, log_history, start_live
 
 
 @pytest.mark.parametrize("enabled", [True, False])
@@ -39,3 +40,19 @@ def test_dvclive_has_the_head_only_model_at_step_0_and_restored_epochs_after_it(
     assert _series(tmp_path / "live", "train/loss") == [(1, 0.8), (2, 0.6)]
     assert live_callbacks(None) == [] and log_history(None, [[1, 0.1, 0.2, 0.3, 0.4]]) is None
 
+
+
+def test_the_clock_adds_up_each_part_and_calls_the_rest_setup():
+    clock = Clock()
+    for _ in range(2):
+        with clock.part("train"):
+            time.sleep(0.05)
+    clock.begin("finish")
+    time.sleep(0.05)
+    clock.end("finish")
+    clock.end("never begun")  # nothing
+    time.sleep(0.05)
+    parts = clock.by_part(("train", "validate", "finish"))
+    assert list(parts) == ["setup", "train", "validate", "finish"]
+    assert parts["train"] == pytest.approx(0.1, abs=0.05) and parts["validate"] == 0.0
+    assert parts["finish"] == pytest.approx(0.05, abs=0.05) and parts["setup"] == pytest.approx(0.05, abs=0.05)

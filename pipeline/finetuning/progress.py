@@ -1,7 +1,11 @@
-"""What a fine-tune run shows while it runs: a tqdm bar per epoch and the dvclive log of every epoch."""
+"""What a fine-tune run shows while it runs: a tqdm bar per epoch, the dvclive log of every epoch, and where its
+wall seconds went (:class:`Clock`)."""
 from __future__ import annotations
 
+import contextlib
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -34,6 +38,38 @@ class BatchProgress(keras.callbacks.Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class Clock:
+    """Wall seconds by named part of a run (``seconds``: a Counter, so ``seconds.update(other)`` adds)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.seconds: Counter = Counter()
+        self._open: dict[str, float] = {}
+
+    def begin(self, name: str) -> None:
+        """Start timing ``name`` until :meth:`end` (for a part that spans more than one block)."""
+        self._open[name] = time.perf_counter()
+
+    def end(self, name: str) -> None:
+        """Stop timing ``name``; nothing if it was not begun."""
+        if name in self._open:
+            self.seconds[name] += time.perf_counter() - self._open.pop(name)
+
+    @contextlib.contextmanager
+    def part(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - t0
+
+    def by_part(self, parts: tuple[str, ...]) -> dict[str, float]:
+        """``parts``' seconds, and ``setup``: the rest of the time since the clock started, first; rounded to 0.1 s."""
+        out = {k: self.seconds.get(k, 0.0) for k in parts}
+        out = {"setup": max(0.0, time.perf_counter() - self.start - sum(out.values())), **out}
+        return {k: round(v, 1) for k, v in out.items()}
 
 
 def start_live(live_dir: Path, val_loss: float, val_accuracy: float):

@@ -11,9 +11,11 @@ reads exactly the batches an uninterrupted one read:
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -23,6 +25,43 @@ from pipeline.finetuning.activations import Activations
 def epoch_view(epoch: int, views: int) -> int:
     """The augmented view (0-based) epoch ``epoch`` (0-based) trains on: views are cycled."""
     return epoch % views
+
+
+class EpochGate(keras.callbacks.Callback):
+    """Holds the stream back at each epoch's start until Keras begins that epoch (a callback).
+
+    tf.data's prefetch asks for epoch ``e + 1``'s first batch while epoch ``e`` still trains, and that
+    batch needs the bottom over a whole view. Behind the gate the view is computed only once fit
+    really starts the epoch, so a run that stops early computes no view it does not train on, and the
+    bottom does not compete with the training step for the cores (measured: overlapping them did not
+    pay on 2 cores, docs/benchmarks/finetune.md). ``close()`` (at the end of training, or by the caller
+    when fit raises) releases a stream still waiting, which then ends.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._cond = threading.Condition()
+        self._begun = -1
+        self._closed = False
+
+    def wait(self, epoch: int) -> bool:
+        """Block until epoch ``epoch`` has begun (True) or the gate is closed (False)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._closed or self._begun >= epoch)
+            return not self._closed
+
+    def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        with self._cond:
+            self._begun = max(self._begun, epoch)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def on_train_end(self, logs=None) -> None:
+        self.close()
 
 
 @dataclass
@@ -38,14 +77,13 @@ class TrainData:
 
 
 def training_stream(data: TrainData, batch_size: int, seed: int, epochs: range, views: int,
-                    replicas: int = 1) -> tuple[tf.data.Dataset, int]:
+                    replicas: int = 1, gate: Optional[EpochGate] = None) -> tuple[tf.data.Dataset, int]:
     """Training batches of ``epochs`` (e.g. ``range(first, last)``), back to back → (dataset, steps per epoch).
 
     Batches are ``(B, h, w, c)`` float32 activations of view :func:`epoch_view` of each image, and
     ``(B,)`` int64 labels. An epoch's missing activations are computed when its first batch is
-    asked for; the stream's prefetch asks for it while the epoch before still trains, so a run that
-    stops early computes at most one view it does not train on (recorded by a strict xfail in
-    tests/test_finetuning_trainer.py, to be fixed with the fine-tuning speed work). Pass the steps to
+    asked for and, with ``gate`` (one of fit's callbacks), not before fit begins that epoch: without
+    it the stream's prefetch would compute the next view while the current epoch trains. Pass the steps to
     ``fit(steps_per_epoch=...)``: Keras then reads one iterator across epochs, so epoch ``e``
     gets exactly its own batches.
 
@@ -62,6 +100,8 @@ def training_stream(data: TrainData, batch_size: int, seed: int, epochs: range, 
 
     def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for e in epochs:
+            if gate is not None and not gate.wait(e):
+                return
             view = epoch_view(e, views)
             acts.ensure(data.paths, data.digests, view)
             keys = acts.keys(data.digests, view)
