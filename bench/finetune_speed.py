@@ -1,24 +1,24 @@
-"""Fine-tuning speed, before vs after, side by side in one process (interleaved rounds, medians).
+"""Fine-tuning speed: the whole finetune stage against TensorFlow's forward-only ceiling, with where its seconds go.
 
-    python bench/finetune_speed.py --run /work/bench_base/runs/simpsons_dev --raw ../shared/datasets/simpsons_dev
+    python bench/finetune_speed.py --run <finetune_bench work>/runs/simpsons_dev --raw ../shared/datasets/simpsons_dev
 
 ``--run`` is a folder where prepare, extract and train_head have run (manifest.csv, classes.json,
-head.keras, val.h5: e.g. a bench/finetune_bench.py run); its files are only read. Each round
-times one epoch (``--images`` training images, then the val set) of each path on the same images:
+head.keras, val.h5: e.g. a bench/finetune_bench.py run); its files are only read. In one process:
 
-- **before** (main at 9437c9a): the stacked model (backbone + head, top unfrozen, BN folded)
-  trained on decoded images augmented in the input pipeline, every frozen layer run forward in
-  every step; val on the stacked model over the val images;
-- **after, new view**: the frozen bottom run once on ONNX Runtime over a view no run computed
-  yet (:mod:`pipeline.finetuning.activations`), then the top trained on the stored activations; val on the
-  top over cached clean activations;
-- **after, cached view**: the same with the view already in the activation cache (a later epoch
-  cycling back to it with ``finetune.views`` < epochs, or any later run that reuses the cache).
+1. **ceiling**: TensorFlow's forward pass of the whole network (backbone + head, inference) over
+   decoded training images in memory, batch 32, median of ``--rounds``: images/s. No fine-tune can
+   beat it by running the network as inference does, so it is the yardstick the throughput is
+   divided by (measured again at the end; the mean of both is used, and both are printed).
+2. **first run**: the real finetune stage (``pipeline.finetune.run``, params.yaml) with an empty
+   activation cache: every view's bottom is computed. **re-run**: the same with that cache warm.
+   Each prints its wall seconds by part (the stage's own ``seconds_by_part``: setup, bottom, train,
+   validate, checkpoint, finish) and its throughput = training image-epochs / stage seconds ÷ the ceiling.
+3. ``--overlap``: a third first run with the bottom of each view started while the epoch before
+   trains (the stream without its :class:`pipeline.finetuning.stream.EpochGate`, as before the gate),
+   to see whether overlapping the two pays on this machine's cores.
+4. ``--levers``: the top's training step in images/s at batch 16, 32 and 64 (float32), interleaved rounds.
 
-Then the levers measured in isolation, each interleaved with its reference: the top's training
-step in mixed bfloat16 vs float32 (only where the CPU reports AVX512_BF16 or AMX; detected, never
-assumed), the top at batch 32 / 64 vs 16, and the bottom on ONNX Runtime vs TensorFlow.
-It prints a table and appends one JSON line to ``--out``.
+It prints tables and appends one JSON line to ``--out``.
 """
 from __future__ import annotations
 
@@ -31,185 +31,144 @@ from pathlib import Path
 
 import keras
 import numpy as np
-from benchlib import ROOT, bench_parser, cpu_has_bf16, cpu_name, idle_check
+from benchlib import ROOT, bench_parser, cpu_name, idle_check
 
-from pipeline.backbones.build import backbone_provenance, build_backbone, get_base, resolve_unfreeze_from
+from pipeline import finetune
+from pipeline.backbones.build import build_backbone, get_base, resolve_unfreeze_from
 from pipeline.backbones.registry import image_size
-from pipeline.core.io import file_digests, library_versions, read_json, setup_logging
+from pipeline.core.io import read_json, setup_logging
 from pipeline.core.manifest import read_manifest
 from pipeline.core.params import Params, load_params
-from pipeline.data.augment import augment as augment_images
-from pipeline.data.datasets import image_dataset
 from pipeline.data.images import load_batch
-from pipeline.finetuning.activations import BOTTOM_BATCH, ActivationCache, Activations, bottom_engine, cache_key
+from pipeline.finetuning import stream, trainer
 from pipeline.finetuning.cut import cut_at
 from pipeline.finetuning.recipe import build_optimizer, fold_bn_scale, unfreeze_from
-from pipeline.finetuning.stream import clean_dataset
-from pipeline.models.heads import build_stacked, load_model
-from pipeline.runtime.engines import compile_engine
+from pipeline.models.heads import build_stacked, load_model, without_temperature
+
+PARTS = ("setup", "bottom", "train", "validate", "checkpoint", "finish")
 
 
-def build(params: Params, run: Path, steps: int) -> tuple[keras.Model, keras.Model, object]:
-    """Stacked model (top unfrozen, BN folded) and its split, both compiled as finetune compiles them."""
+def ceiling(params: Params, run: Path, images: np.ndarray, rounds: int) -> float:
+    """TensorFlow forward of backbone + head over ``images`` (N, S, S, 3) float32 at batch 32 → median images/s."""
     head, _ = load_model(run / "head.keras")
+    model = build_stacked(build_backbone(params.backbone), without_temperature(head))
+    model.predict(images[:32], batch_size=32, verbose=0)  # trace outside the clock
+    rates = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        model.predict(images, batch_size=32, verbose=0)
+        rates.append(len(images) / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+class _NoGate(stream.EpochGate):
+    """The stream as before the gate: the next view's bottom starts as soon as prefetch asks for it."""
+
+    def wait(self, epoch: int) -> bool:
+        return True
+
+
+def stage(params: Params, run: Path, raw: Path, cache: Path, scratch: Path, tag: str) -> dict:
+    """One real finetune stage → its metrics, plus the training image-epochs it ran."""
+    out = scratch / tag
+    out.mkdir()
+    m = finetune.run(raw_dir=raw, manifest=run / "manifest.csv", classes_json=run / "classes.json",
+                     val_features=run / "val.h5", head_path=run / "head.keras", model_out=out / "model.keras",
+                     history_out=out / "history.csv", metrics_out=out / "metrics.json", params=params,
+                     activation_cache=cache)
+    epochs = len((out / "history.csv").read_text().splitlines()) - 2  # header and epoch 0
+    m["image_epochs"] = epochs * len(read_manifest(run / "manifest.csv", splits=("train",)))
+    return m
+
+
+def levers(params: Params, run: Path, raw: Path, rounds: int) -> dict[str, float]:
+    """The top's training step, images/s at batch 16 / 32 / 64, on the clean activations of 64 train images."""
+    head = without_temperature(load_model(run / "head.keras")[0])
     backbone = build_backbone(params.backbone)
-    keras.utils.set_random_seed(params.seed)
-    stacked = build_stacked(backbone, head)
-    base = get_base(backbone)
-    boundary = resolve_unfreeze_from(params.finetune.unfreeze_from, params.backbone.name)  # `auto`, as finetune
-    unfreeze_from(base, boundary, params.backbone.name)
-    fold_bn_scale(base)
-    split = cut_at(backbone, head, boundary)
-    loss = keras.losses.SparseCategoricalCrossentropy()
-    for m in (stacked, split.top):
-        m.compile(optimizer=build_optimizer(params.finetune, steps), loss=loss, metrics=["accuracy"])
-    return stacked, split.top, split
-
-
-def before_stream(paths: list[str], labels: list[int], size: int, batch: int, params: Params, epoch: int):
-    """Main's (9437c9a) training stream: decode, then augment every batch keyed (seed, epoch, index)."""
-    salt = params.seed % 2**32
-    order = np.random.default_rng([salt, epoch]).permutation(len(paths))
-    ds = image_dataset([paths[i] for i in order], size, batch, labels=[labels[i] for i in order])
-    for b, (x, y) in enumerate(ds):
-        keys = [[salt, epoch, int(i)] for i in order[b * batch:b * batch + len(y)]]
-        yield augment_images(x, params.augment, keys), y
-
-
-def epoch_before(stacked, paths, labels, val_ds, size, params, epoch) -> float:
-    t0 = time.perf_counter()
-    for x, y in before_stream(paths, labels, size, params.finetune.batch_size, params, epoch):
-        stacked.train_on_batch(x, y)
-    stacked.evaluate(val_ds, verbose=0)
-    return time.perf_counter() - t0
-
-
-def epoch_after(top, acts: Activations, paths, digests, labels, val_ds, params, view: int) -> float:
-    t0 = time.perf_counter()
-    acts.ensure(paths, digests, view)
-    keys = acts.keys(digests, view)
-    order = np.random.default_rng([params.seed % 2**32, view]).permutation(len(paths))
-    lab = np.asarray(labels, np.int64)
-    bs = params.finetune.batch_size
-    for b in range(0, len(order), bs):
-        rows = order[b:b + bs]
-        top.train_on_batch(acts.cache.get_many([keys[i] for i in rows]), lab[rows])
-    top.evaluate(val_ds, verbose=0)
-    return time.perf_counter() - t0
-
-
-def step_rate(model, x, y, reps: int) -> float:
-    """Training images per second of ``reps`` steps on one fixed batch."""
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        model.train_on_batch(x, y)
-    return reps * len(x) / (time.perf_counter() - t0)
+    boundary = resolve_unfreeze_from(params.finetune.unfreeze_from, params.backbone.name)
+    build_stacked(backbone, head)
+    unfreeze_from(get_base(backbone), boundary, params.backbone.name)
+    fold_bn_scale(get_base(backbone))
+    cut = cut_at(backbone, head, boundary)
+    items = read_manifest(run / "manifest.csv", splits=("train",))[:64]
+    index = {c: i for i, c in enumerate(read_json(run / "classes.json")["classes"])}
+    x = cut.bottom.predict(load_batch([str(raw / it.path) for it in items], image_size(params.backbone))
+                           .astype(np.float32), verbose=0)
+    y = np.asarray([index[it.label] for it in items], np.int64)
+    tops = {}
+    for b in (16, 32, 64):
+        top = keras.models.clone_model(cut.top)
+        top.set_weights(cut.top.get_weights())
+        top.compile(optimizer=build_optimizer(params.finetune, math.ceil(len(items) / b)),
+                    loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+        top.train_on_batch(x[:b], y[:b])
+        tops[b] = top
+    rates: dict[str, list[float]] = {f"top step fp32 b{b}": [] for b in tops}
+    for _ in range(rounds):
+        for b, top in tops.items():
+            reps = max(3, 192 // b)
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                top.train_on_batch(x[:b], y[:b])
+            rates[f"top step fp32 b{b}"].append(reps * b / (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in rates.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = bench_parser(__doc__, "~3-5 min on the idle machine (estimate: docs/finetune.md's run, --images 256 "
-                               "--rounds 3, took ~80 s a round under load 13-17, about 5x an idle machine's time; "
-                               "the default is 512 images x 3 rounds, plus warm-up and the levers)")
+    ap = bench_parser(__doc__, "~6 min on the idle machine for simpsons_dev (904 train images, 8 epochs: a first "
+                               "run ~2 min, a re-run ~1.5 min, the ceiling twice); --overlap adds a first run, "
+                               "--levers ~1 min")
     ap.add_argument("--run", type=Path, required=True, help="folder with manifest.csv, classes.json, head.keras")
     ap.add_argument("--raw", type=Path, required=True, help="the images the manifest's paths are relative to")
-    ap.add_argument("--images", type=int, default=512, help="training images per timed epoch")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the ceiling (and of --levers)")
+    ap.add_argument("--ceiling-images", type=int, default=256)
+    ap.add_argument("--overlap", action="store_true", help="also a first run without the epoch gate")
+    ap.add_argument("--levers", action="store_true", help="also the top's step rate at batch 16/32/64")
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     ap.add_argument("--out", type=Path, default=ROOT / ".cache" / "finetune_speed.jsonl")
     args = ap.parse_args(argv)
     setup_logging()
     load = idle_check("finetune_speed")
     params = load_params(args.params)
-    size = image_size(params.backbone)
-    classes = read_json(args.run / "classes.json")["classes"]
-    index = {c: i for i, c in enumerate(classes)}
-    train = read_manifest(args.run / "manifest.csv", splits=("train",))[:args.images]
-    val = read_manifest(args.run / "manifest.csv", splits=("val",))
-    paths = [str(args.raw / it.path) for it in train]
-    labels = [index[it.label] for it in train]
-    val_paths, val_labels = [str(args.raw / it.path) for it in val], [index[it.label] for it in val]
-    digests, val_digests = file_digests(paths), file_digests(val_paths)
-    steps = math.ceil(len(paths) / params.finetune.batch_size)
-    stacked, top, split = build(params, args.run, steps)
-
-    engine, desc = bottom_engine()
-    key, kdesc = cache_key(backbone_provenance(params.backbone), split.boundary, desc, library_versions())
+    train = read_manifest(args.run / "manifest.csv", splits=("train",))[:args.ceiling_images]
+    images = load_batch([str(args.raw / it.path) for it in train], image_size(params.backbone)).astype(np.float32)
+    ceil = [ceiling(params, args.run, images, args.rounds)]
+    runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="finetune-speed-") as scratch:
-        cache = ActivationCache(Path(scratch), key, kdesc, split.activation_shape)
-        acts = Activations(cache, lambda: compile_engine(split.bottom, size, engine, BOTTOM_BATCH), params.augment,
-                           params.seed, size, BOTTOM_BATCH)
-        val_img = image_dataset(val_paths, size, params.finetune.batch_size, labels=val_labels)
-        val_act = clean_dataset(acts, val_paths, val_digests, val_labels, params.finetune.batch_size)
-        # Warm-up: traces, the ONNX conversion and a first cached view, outside every clock.
-        epoch_before(stacked, paths[:32], labels[:32], val_img.take(1), size, params, 999)
-        epoch_after(top, acts, paths, digests, labels, val_act, params, 0)
-        t = {"before": [], "after_new_view": [], "after_cached_view": []}
-        for r in range(args.rounds):
-            t["before"].append(epoch_before(stacked, paths, labels, val_img, size, params, r))
-            t["after_new_view"].append(epoch_after(top, acts, paths, digests, labels, val_act, params, r + 1))
-            t["after_cached_view"].append(epoch_after(top, acts, paths, digests, labels, val_act, params, 0))
-        med = {k: statistics.median(v) for k, v in t.items()}
-
-        # Levers in isolation, on fixed batches of real activations / images.
-        x_act = cache.get_many(acts.keys(digests[:64], 0))
-        y = np.asarray(labels[:64], np.int64)
-        bs = params.finetune.batch_size
-        lever: dict[str, list[float]] = {"top fp32 b16": [], "top fp32 b32": [], "top fp32 b64": []}
-        rates_bottom: dict[str, list[float]] = {"bottom onnxruntime": [], "bottom tensorflow": []}
-        ort = compile_engine(split.bottom, size, "onnxruntime", BOTTOM_BATCH)
-        tfb = compile_engine(split.bottom, size, "tensorflow", BOTTOM_BATCH)
-        u8 = load_batch(paths[:BOTTOM_BATCH], size)
-        ort(u8), tfb(u8)
-        bf16 = cpu_has_bf16()
-        top_bf16 = None
-        if bf16:
-            keras.mixed_precision.set_global_policy("mixed_bfloat16")
-            _, top_bf16, _ = build(params, args.run, steps)
-            keras.mixed_precision.set_global_policy("float32")
-            lever["top mixed_bfloat16 b16"] = []
-            top_bf16.train_on_batch(x_act[:bs], y[:bs])
-        for b in (16, 32, 64):
-            top.train_on_batch(x_act[:b], y[:b])
-        for _ in range(args.rounds):
-            for b in (16, 32, 64):
-                lever[f"top fp32 b{b}"].append(step_rate(top, x_act[:b], y[:b], max(2, 96 // b)))
-            if top_bf16 is not None:
-                lever["top mixed_bfloat16 b16"].append(step_rate(top_bf16, x_act[:bs], y[:bs], 6))
-            for name, fn in (("bottom onnxruntime", ort), ("bottom tensorflow", tfb)):
-                t0 = time.perf_counter()
-                fn(u8)
-                rates_bottom[name].append(len(u8) / (time.perf_counter() - t0))
-        lev = {k: statistics.median(v) for k, v in {**lever, **rates_bottom}.items() if v}
+        cache = Path(scratch) / "acts"
+        runs["first run"] = stage(params, args.run, args.raw, cache, Path(scratch), "first")
+        runs["re-run"] = stage(params, args.run, args.raw, cache, Path(scratch), "rerun")
+        if args.overlap:
+            gate = trainer.EpochGate
+            trainer.EpochGate = _NoGate
+            try:
+                runs["first run, overlapped"] = stage(params, args.run, args.raw, Path(scratch) / "acts2",
+                                                      Path(scratch), "overlap")
+            finally:
+                trainer.EpochGate = gate
+    lev = levers(params, args.run, args.raw, args.rounds) if args.levers else {}
+    ceil.append(ceiling(params, args.run, images, args.rounds))
     load.finish()
-
-    n = len(paths)
-    views, epochs = params.finetune.views, params.finetune.epochs
-    fresh = min(views, epochs)
-    run_before = epochs * med["before"]
-    run_after = fresh * med["after_new_view"] + (epochs - fresh) * med["after_cached_view"]
-    run_cached = epochs * med["after_cached_view"]
-    result = {
-        "cpu": cpu_name(), "bf16_cpu": bf16, "run": str(args.run), "train_images": n, "val_images": len(val_paths),
-        "rounds": args.rounds, "epoch_seconds": t, "median_epoch_seconds": med,
-        "train_img_per_s": {k: n / v for k, v in med.items()},
-        "levers": lev, "views": views, "epochs": epochs,
-        "run_ratio_first": run_before / run_after, "run_ratio_cached": run_before / run_cached,
-    }
+    c = statistics.mean(ceil)
+    result = {"cpu": cpu_name(), "run": str(args.run), "ceiling_img_per_s": ceil, "levers": lev,
+              "runs": {k: {"seconds": m["seconds"], "seconds_by_part": m["seconds_by_part"],
+                           "image_epochs": m["image_epochs"], "bottom_images_computed": m["bottom_images_computed"],
+                           "ratio_to_ceiling": m["image_epochs"] / m["seconds"] / c} for k, m in runs.items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:
         f.write(json.dumps(result) + "\n")
-    print(f"\nCPU: {result['cpu']} (AVX512_BF16/AMX: {bf16}); {n} training + {len(val_paths)} val images per epoch, "
-          f"{args.rounds} interleaved rounds, medians")
-    print("| path | s / epoch (train + val) | epoch images/s | speed-up |")
-    print("|---|---|---|---|")
-    for k, v in med.items():
-        print(f"| {k} | {v:.1f} | {n / v:.1f} | {med['before'] / v:.2f} x |")
-    print(f"\n{epochs} epochs with finetune.views = {views}: first run {result['run_ratio_first']:.2f} x as fast "
-          f"as before; with every view cached (a re-run) {result['run_ratio_cached']:.2f} x")
-    print("\n| lever | images/s |")
-    print("|---|---|")
-    for k, v in lev.items():
-        print(f"| {k} | {v:.1f} |")
+    print(f"\nCPU: {result['cpu']}; ceiling (TensorFlow forward, whole network, batch 32): "
+          f"{ceil[0]:.1f} / {ceil[1]:.1f} img/s (start / end)")
+    print("| run | s | " + " | ".join(PARTS) + " | image-epochs/s | ÷ ceiling |")
+    print("|---|---|" + "---|" * len(PARTS) + "---|---|")
+    for k, r in result["runs"].items():
+        parts = " | ".join(f"{r['seconds_by_part'].get(p, 0.0):.1f}" for p in PARTS)
+        print(f"| {k} | {r['seconds']:.1f} | {parts} | {r['image_epochs'] / r['seconds']:.1f} | "
+              f"{r['ratio_to_ceiling']:.2f} x |")
+    if lev:
+        print("\n| lever | images/s |\n|---|---|")
+        for k, v in lev.items():
+            print(f"| {k} | {v:.1f} |")
 
 
 if __name__ == "__main__":
