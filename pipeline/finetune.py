@@ -78,7 +78,7 @@ from pipeline.runtime.engines import compile_engine
 log = logging.getLogger(__name__)
 
 # The params this stage reads: exactly its `params:` in dvc.yaml (a test checks both agree).
-PARAMS = ("seed", "backbone", "augment", "finetune")
+PARAMS = ("seed", "backbone", "finetune")
 
 
 @dataclass
@@ -282,8 +282,8 @@ def _activations(cut: Cut, params: Params, boundary: str, folder: Path) -> tuple
     key, desc = cache_key(backbone_provenance(params.backbone), boundary, engine_desc, library_versions())
     size = image_size(params.backbone)
     cache = ActivationCache(folder, key, desc, cut.activation_shape)
-    acts = Activations(cache, lambda: compile_engine(cut.bottom, size, engine, BOTTOM_BATCH), params.augment,
-                       params.seed, size, BOTTOM_BATCH)
+    acts = Activations(cache, lambda: compile_engine(cut.bottom, size, engine, BOTTOM_BATCH),
+                       params.finetune.augment, params.seed, size, BOTTOM_BATCH)
     return acts, engine_desc
 
 

@@ -41,7 +41,8 @@ def test_every_param_in_params_yaml_has_a_comment():
     ({"data": {"val_fraction": 0.6, "test_fraction": 0.5}}, "leaves nothing to train on"),
     ({"extract": {"batch_size": "32"}}, "extract.batch_size: '32' is not an integer"),
     ({"augment": {"flip": 1}}, "augment.flip: 1 is not true or false"),
-    ({"finetune": {"augment": {"flip": True}}}, "unknown key finetune.augment"),
+    ({"finetune": {"augment": {"flipp": True}}}, "unknown key finetune.augment.flipp"),
+    ({"finetune": {"augment": {"zoom": 1.5}}}, "finetune.augment.zoom: 1.5 is out of range"),
     ({"finetune": {"optimizer": "rmsprop"}}, "finetune.optimizer: 'rmsprop' is not allowed; use one of 'sgd', "
                                              "'adam', 'adamw'"),
     ({"finetune": {"optimizer": "adam", "weight_decay": 0.01}},

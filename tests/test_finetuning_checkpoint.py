@@ -30,7 +30,7 @@ def test_the_fingerprint_follows_what_shapes_training_and_nothing_else(tmp_path)
     assert fp(**{"finetune.schedule": "cosine", "finetune.epochs": 3}) != \
         fp(**{"finetune.schedule": "cosine", "finetune.epochs": 9})
     assert fp(items=ITEMS[::-1]) == base  # the images as a set
-    others = [fp(**{"finetune.learning_rate": 3e-4}), fp(**{"augment.flip": False}), fp(seed=7),
+    others = [fp(**{"finetune.learning_rate": 3e-4}), fp(**{"finetune.augment.flip": False}), fp(seed=7),
               fp(items=[*ITEMS[:2], ("square/c.png", "square", "val", b"\x04" * 32)]),
               fp(items=[*ITEMS[:2], ("square/c.png", "square", "train", b"\x03" * 32)]),
               fp(replicas=2), fp(unfreeze="block5a_expand_conv")]

@@ -194,6 +194,9 @@ class FinetuneParams:
     class_weight: Literal["none", "balanced"] = "none"
     # Continue from the per-epoch checkpoint when it belongs to this very run (see finetune).
     resume: bool = True
+    # Fine-tuning's own views (not the top-level ``augment``, which draws extract's views for the head):
+    # stronger, since a top that trains on the same few views memorises them.
+    augment: AugmentParams = AugmentParams(rotation=0.1, zoom=0.2, translation=0.15)
 
     def __post_init__(self) -> None:
         if self.weight_decay > 0 and self.optimizer == "adam":

@@ -9,7 +9,7 @@ far, the best epoch with its weights and the early-stopping counter.
 
 A checkpoint is used only when its fingerprint matches the current run: the params that
 shape training (all of ``finetune`` except ``resume``, and except ``epochs`` under a constant
-learning rate; ``augment``, the seed, the backbone
+learning rate, ``finetune.augment`` included; the seed, the backbone
 provenance), the head file, every train/val image's bytes and label, the engine that computes the
 activations and the library versions. Anything else starts from epoch 0, with a log line saying why.
 """
@@ -62,7 +62,7 @@ def fingerprint(params: Params, provenance: dict, head_path: Path, items: Sequen
     images = hashlib.sha256()
     for path, label, split, digest in sorted(items):
         images.update(json.dumps([path, label, split, digest.hex()]).encode())
-    doc = {"format": FORMAT, "finetune": p, "augment": as_dict(params.augment), "seed": params.seed,
+    doc = {"format": FORMAT, "finetune": p, "seed": params.seed,
            **({"replicas": replicas} if replicas > 1 else {}),
            "provenance": provenance, "engine": engine,
            "head_sha256": sha256_file(head_path), "images": images.hexdigest(), "versions": library_versions()}

@@ -33,8 +33,8 @@ class EpochGate(keras.callbacks.Callback):
     tf.data's prefetch asks for epoch ``e + 1``'s first batch while epoch ``e`` still trains, and that
     batch needs the bottom over a whole view. Behind the gate the view is computed only once fit
     really starts the epoch, so a run that stops early computes no view it does not train on, and the
-    bottom does not compete with the training step for the cores (measured: overlapping them did not
-    pay on 2 cores, docs/benchmarks/finetune.md). ``close()`` (at the end of training, or by the caller
+    bottom does not compete with the training step for the cores (overlapping them showed no reliable
+    gain on 2 cores: docs/benchmarks/finetune.md). ``close()`` (at the end of training, or by the caller
     when fit raises) releases a stream still waiting, which then ends.
     """
 
