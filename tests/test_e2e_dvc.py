@@ -96,7 +96,8 @@ PARAM_SCOPE = {
     "seed": (7, {"audit", "train_head", "finetune"}),
     "data.val_fraction": (0.3, {"prepare"}),
     "backbone.pooling": ("max", {"extract", "train_head", "finetune", "evaluate"}),
-    "augment.rotation": (0.1, {"extract", "finetune"}),
+    "augment.rotation": (0.1, {"extract"}),  # extract's views; fine-tuning draws its own (finetune.augment)
+    "finetune.augment.zoom": (0.3, {"finetune"}),
     "extract.batch_size": (5, {"extract"}),
     "head.logreg.C": (0.5, {"train_head"}),
     "finetune.patience": (4, {"finetune"}),
