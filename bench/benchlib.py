@@ -35,8 +35,8 @@ LOAD_LIMIT = 1.5
 PROTOCOL = (
     f"speed: only on an idle machine (1-minute load average below {LOAD_LIMIT} before and during, no other job;\n"
     "  timing scripts print the load at start and end and warn at or above it), as ratios measured side by\n"
-    "  side in one process. accuracy: a change needs >= 3 seeds, paired (same split, features, head),\n"
-    "  reported as mean ± SD."
+    "  side in one process, a first run (nothing cached) and a re-run reported apart. accuracy: a change needs\n"
+    "  >= 3 seeds, paired (same split, features, head), reported as mean ± SD; 1-3 test images are noise."
 )
 
 
