@@ -36,12 +36,15 @@ class EpochGate(keras.callbacks.Callback):
     bottom does not compete with the training step for the cores (overlapping them showed no reliable
     gain on 2 cores: docs/benchmarks/finetune.md). ``close()`` (at the end of training, or by the caller
     when fit raises) releases a stream still waiting, which then ends.
+
+    The fit's ``first`` epoch is open from the start: it trains whatever happens, and Keras reads a batch
+    before any callback runs when it builds the model under a distribution strategy.
     """
 
-    def __init__(self):
+    def __init__(self, first: int = 0):
         super().__init__()
         self._cond = threading.Condition()
-        self._begun = -1
+        self._begun = first
         self._closed = False
 
     def wait(self, epoch: int) -> bool:

@@ -55,7 +55,10 @@ def fit_top(top: keras.Model, state: TrainState, params: Params, data: TrainData
     if state.epoch >= p.epochs or state.stopped:
         return state, False, {}
     # finetune.batch_size images per replica: one global batch of that many times the replicas.
-    gate = EpochGate()
+    # Under a distribution strategy Keras reads a batch from a throw-away iterator before training, and
+    # dropping that iterator waits for its stream: a gated stream would never return, so it runs ungated
+    # (a multi-GPU run's bottom is on a GPU, and an early stop there may compute one view it does not use).
+    gate = EpochGate(state.epoch) if getattr(top, "_distribute_strategy", None) is None else None
     train_ds, steps = training_stream(data, p.batch_size * replicas, params.seed, range(state.epoch, p.epochs),
                                       p.views, replicas, gate)
     # With finetune.ema the Tracker measures val on the averaged weights itself; Keras' own validation
@@ -67,9 +70,10 @@ def fit_top(top: keras.Model, state: TrainState, params: Params, data: TrainData
                 initial_epoch=state.epoch, epochs=p.epochs, verbose=2,
                 shuffle=False,  # each epoch's stream is already shuffled
                 class_weight=class_weights(np.asarray(data.labels), data.n_classes, p.class_weight),
-                callbacks=[gate, BatchProgress(steps, p.epochs), tracker, *live_callbacks(live)])
+                callbacks=[*([gate] if gate else []), BatchProgress(steps, p.epochs), tracker, *live_callbacks(live)])
     finally:
-        gate.close()  # a fit that raised leaves no stream thread waiting
+        if gate is not None:
+            gate.close()  # a fit that raised leaves no stream thread waiting
     seconds = {"bottom": data.acts.seconds - bottom0, **tracker.seconds}
     seconds["train"] = time.perf_counter() - t0 - sum(seconds.values())
     return state, True, seconds
