@@ -34,15 +34,14 @@ import numpy as np
 from benchlib import ROOT, bench_parser, cpu_name, idle_check
 
 from pipeline import finetune
-from pipeline.backbones.build import build_backbone, get_base, resolve_unfreeze_from
+from pipeline.backbones.build import build_backbone, feature_provenance, resolve_unfreeze_from
 from pipeline.backbones.registry import image_size
 from pipeline.core.io import read_json, setup_logging
 from pipeline.core.manifest import read_manifest
 from pipeline.core.params import Params, load_params
 from pipeline.data.images import load_batch
 from pipeline.finetuning import stream, trainer
-from pipeline.finetuning.cut import cut_at
-from pipeline.finetuning.recipe import build_optimizer, fold_bn_scale, unfreeze_from
+from pipeline.finetuning.recipe import build_optimizer
 from pipeline.models.heads import build_stacked, load_model, without_temperature
 
 PARTS = ("setup", "bottom", "train", "validate", "checkpoint", "finish")
@@ -83,15 +82,14 @@ def stage(params: Params, run: Path, raw: Path, cache: Path, scratch: Path, tag:
 
 def levers(params: Params, run: Path, raw: Path, rounds: int) -> dict[str, float]:
     """The top's training step, images/s at batch 16 / 32 / 64, on the clean activations of 64 train images."""
-    head = without_temperature(load_model(run / "head.keras")[0])
-    backbone = build_backbone(params.backbone)
+    classes = read_json(run / "classes.json")["classes"]
     boundary = resolve_unfreeze_from(params.finetune.unfreeze_from, params.backbone.name)
-    build_stacked(backbone, head)
-    unfreeze_from(get_base(backbone), boundary, params.backbone.name)
-    fold_bn_scale(get_base(backbone))
-    cut = cut_at(backbone, head, boundary)
+    # The stage's own steps: backbone + head, unfrozen from the boundary, BatchNorm folded, cut there.
+    stacked = finetune.stack_head(params, run / "head.keras", run / "val.h5", raw,
+                                  feature_provenance(params.backbone, classes), boundary)
+    cut, _ = finetune.trainable_top(stacked, params.finetune, boundary, params.backbone.name, steps=1, replicas=1)
     items = read_manifest(run / "manifest.csv", splits=("train",))[:64]
-    index = {c: i for i, c in enumerate(read_json(run / "classes.json")["classes"])}
+    index = {c: i for i, c in enumerate(classes)}
     x = cut.bottom.predict(load_batch([str(raw / it.path) for it in items], image_size(params.backbone))
                            .astype(np.float32), verbose=0)
     y = np.asarray([index[it.label] for it in items], np.int64)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -32,6 +31,7 @@ import tensorflow as tf
 from pipeline.backbones.build import unfreeze_start
 from pipeline.core.params import FinetuneParams
 from pipeline.finetuning.checkpoint import TrainState, save_checkpoint
+from pipeline.finetuning.progress import Clock
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class Tracker(keras.callbacks.Callback):
     With ``ema_val`` (the val dataset; the optimizer has ``use_ema``) each epoch is measured on the
     optimizer's moving average of the weights instead of the weights as trained, the average is what
     a best epoch keeps, and ``logs`` get its val metrics for the callbacks after this one.
-    ``seconds`` adds up the wall time of its own val passes (``validate``) and checkpoints (``checkpoint``).
+    ``clock`` adds up the wall time of its own val passes (``validate``) and checkpoints (``checkpoint``).
     """
 
     def __init__(self, state: TrainState, patience: int, checkpoint: Optional[Path], fp: str, ema_val=None):
@@ -155,7 +155,7 @@ class Tracker(keras.callbacks.Callback):
         self.checkpoint = checkpoint
         self.fp = fp
         self.ema_val = ema_val
-        self.seconds = {"validate": 0.0, "checkpoint": 0.0}
+        self.clock = Clock()
 
     @contextlib.contextmanager
     def _averaged_weights(self) -> Iterator[None]:
@@ -177,10 +177,9 @@ class Tracker(keras.callbacks.Callback):
         s = self.state
         with self._averaged_weights() if self.ema_val is not None else contextlib.nullcontext():
             if self.ema_val is not None:
-                t0 = time.perf_counter()
-                loss, acc = self.model.evaluate(self.ema_val, verbose=0)
+                with self.clock.part("validate"):
+                    loss, acc = self.model.evaluate(self.ema_val, verbose=0)
                 logs["val_loss"], logs["val_accuracy"] = float(loss), float(acc)
-                self.seconds["validate"] += time.perf_counter() - t0
             val_loss = float(logs["val_loss"])
             improved = val_loss < s.best_loss
             if improved:  # the weights in the model now: the average with finetune.ema
@@ -195,9 +194,8 @@ class Tracker(keras.callbacks.Callback):
                 self.model.stop_training = True
                 log.info("no val-loss improvement for %d epochs: stopping", s.wait)
         if self.checkpoint is not None:
-            t0 = time.perf_counter()
-            save_checkpoint(self.checkpoint, self.fp, s, self.model)
-            self.seconds["checkpoint"] += time.perf_counter() - t0
+            with self.clock.part("checkpoint"):
+                save_checkpoint(self.checkpoint, self.fp, s, self.model)
 
 
 def keep_best(model: keras.Model, state: TrainState) -> None:

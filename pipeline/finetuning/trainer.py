@@ -74,6 +74,7 @@ def fit_top(top: keras.Model, state: TrainState, params: Params, data: TrainData
     finally:
         if gate is not None:
             gate.close()  # a fit that raised leaves no stream thread waiting
-    seconds = {"bottom": data.acts.seconds - bottom0, **tracker.seconds}
+    seconds = {"bottom": data.acts.seconds - bottom0,
+               **{part: tracker.clock.seconds[part] for part in ("validate", "checkpoint")}}
     seconds["train"] = time.perf_counter() - t0 - sum(seconds.values())
     return state, True, seconds
