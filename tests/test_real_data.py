@@ -13,7 +13,7 @@ import yaml
 from conftest import ROOT, shared_dataset
 
 from pipeline import evaluate, extract, finetune, prepare, train_head
-from pipeline.core.manifest import SPLITS
+from pipeline.core.manifest import SPLITS, read_manifest
 from pipeline.core.params import parse_params
 
 pytestmark = pytest.mark.realdata
@@ -90,8 +90,7 @@ def _assert_no_collapse(out: Path, ft: dict, epochs: int, manifest: Path) -> Non
     losses = _val_losses(out)
     assert 2 <= len(losses) <= 1 + epochs, losses
     assert losses[0] == pytest.approx(ft["head_only_val_loss"], rel=1e-6)
-    with open(manifest, newline="") as fh:
-        n_val = sum(row["split"] == "val" for row in csv.DictReader(fh))
+    n_val = len(read_manifest(manifest, splits=("val",)))
     allowed = max(MAX_VAL_LOSS_RISE * losses[0], NOISE_IMAGES * math.log(2) / n_val)
     rise = max(losses[1:]) - losses[0]
     print(f"val loss per epoch {[round(v, 4) for v in losses]}: largest rise over the head {rise:+.4f} "
